@@ -1,0 +1,87 @@
+# Shared by the scripts in this folder: set-up of a fresh Debian 12 machine,
+# building and installing the extension, and throwaway clusters.
+# Source it; it defines functions and sets nothing but these variables.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+PG_BIN=/usr/lib/postgresql/15/bin
+PGXS_TEST=/usr/lib/postgresql/15/lib/pgxs/src/test
+VENV="$ROOT/.venv"
+
+say() { printf '\n== %s\n' "$*"; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# The pgrx version Cargo.toml pins, so cargo-pgrx always matches the crate.
+pgrx_version() {
+    sed -n 's/^pgrx = "=\([0-9.]*\)"/\1/p' "$ROOT/Cargo.toml"
+}
+
+# Everything a fresh machine lacks: Debian packages, cargo-pgrx, pgrx's
+# configuration for the system PostgreSQL 15, and a Python venv for the
+# client tests and the demo. Each step is skipped when already done.
+setup() {
+    local pkgs="postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang sudo pkg-config python3-venv"
+    local missing=""
+    for p in $pkgs; do
+        dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
+    done
+    if [ -n "$missing" ]; then
+        say "installing Debian packages:$missing"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+    fi
+    # Debian's postgresql package starts a cluster on port 5432; ours use
+    # their own ports and never touch it.
+
+    local want; want=$(pgrx_version)
+    if ! cargo pgrx --version 2>/dev/null | grep -q " $want\$"; then
+        say "installing cargo-pgrx $want"
+        cargo install cargo-pgrx --version "$want" --locked
+    fi
+    if ! grep -qs '^pg15' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+        say "configuring pgrx for the system PostgreSQL 15"
+        cargo pgrx init --pg15 "$PG_CONFIG"
+    fi
+    if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import psycopg, pytest' 2>/dev/null; then
+        say "creating the Python environment for the demo and client tests"
+        python3 -m venv "$VENV"
+        "$VENV/bin/pip" install -q -r "$ROOT/tests/client/requirements.txt"
+    fi
+}
+
+# Builds the extension in release mode and installs it into the system
+# PostgreSQL 15.
+install_extension() {
+    say "building and installing the extension"
+    (cd "$ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null)
+}
+
+# start_cluster DIR PORT: a throwaway cluster owned by the postgres user,
+# listening only on a socket in DIR. Prints nothing on success.
+start_cluster() {
+    local dir=$1 port=$2
+    stop_cluster "$dir"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    chown postgres:postgres "$dir"
+    runuser -u postgres -- "$PG_BIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log"
+    cat >>"$dir/data/postgresql.conf" <<CONF
+listen_addresses = ''
+port = $port
+unix_socket_directories = '$dir'
+max_prepared_transactions = 10
+fsync = off
+CONF
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+}
+
+stop_cluster() {
+    local dir=$1
+    if [ -f "$dir/data/postmaster.pid" ]; then
+        runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1 || true
+    fi
+}

@@ -1,0 +1,101 @@
+-- The public SQL surface. Each C function is implemented in src/api/.
+-- Functions that write are SECURITY DEFINER: callers need no rights on the
+-- idempotency schema. Their statements qualify every operator, so a caller's
+-- search_path cannot change their meaning.
+
+CREATE FUNCTION idem_begin(
+    key text,
+    request jsonb DEFAULT NULL,
+    scope text DEFAULT '',
+    lease interval DEFAULT NULL,
+    wait interval DEFAULT '0',
+    OUT status text,
+    OUT result jsonb,
+    OUT attempt integer,
+    OUT recovery_point text,
+    OUT token bigint)
+RETURNS record
+LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+AS 'MODULE_PATHNAME', 'idem_begin';
+COMMENT ON FUNCTION idem_begin IS 'Claim an idempotency key: started, completed, failed, in_progress or mismatch';
+
+CREATE FUNCTION idem_finish(
+    key text,
+    result jsonb DEFAULT NULL,
+    scope text DEFAULT '',
+    token bigint DEFAULT NULL,
+    ttl interval DEFAULT NULL)
+RETURNS void
+LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+AS 'MODULE_PATHNAME', 'idem_finish';
+COMMENT ON FUNCTION idem_finish IS 'Store the result of a key this transaction (or this token) holds';
+
+CREATE FUNCTION idem_fail(
+    key text,
+    error jsonb DEFAULT NULL,
+    scope text DEFAULT '',
+    retryable boolean DEFAULT true,
+    token bigint DEFAULT NULL)
+RETURNS void
+LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+AS 'MODULE_PATHNAME', 'idem_fail';
+COMMENT ON FUNCTION idem_fail IS 'Release a held key for a retry, or store a permanent failure';
+
+CREATE FUNCTION idem_checkpoint(
+    key text,
+    recovery_point text,
+    scope text DEFAULT '',
+    token bigint DEFAULT NULL)
+RETURNS void
+LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+AS 'MODULE_PATHNAME', 'idem_checkpoint';
+COMMENT ON FUNCTION idem_checkpoint IS 'Record a recovery point for a held key and renew its lease';
+
+CREATE FUNCTION idem_canonical(value jsonb)
+RETURNS text
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
+AS 'MODULE_PATHNAME', 'idem_canonical';
+COMMENT ON FUNCTION idem_canonical IS 'The RFC 8785 canonical JSON text of a value';
+
+CREATE FUNCTION idem_fingerprint(value jsonb)
+RETURNS text
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
+AS 'MODULE_PATHNAME', 'idem_fingerprint';
+COMMENT ON FUNCTION idem_fingerprint IS 'Lowercase hex SHA-256 of idem_canonical(value)';
+
+CREATE FUNCTION idempotency._check_key(key text, scope text)
+RETURNS boolean
+LANGUAGE c STABLE PARALLEL SAFE
+AS 'MODULE_PATHNAME', 'idem_check_key';
+
+-- Read-only, so it works on a hot standby. Shows the committed state (and
+-- this transaction's own changes); an expired key is no row.
+CREATE FUNCTION idem_get(key text, scope text DEFAULT '')
+RETURNS TABLE (
+    status text,
+    result jsonb,
+    attempt integer,
+    recovery_point text,
+    fingerprint text,
+    created_at timestamptz,
+    finished_at timestamptz,
+    expires_at timestamptz,
+    locked_until timestamptz)
+LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE k.status
+               WHEN 'p' THEN 'in_progress'
+               WHEN 'c' THEN 'completed'
+               WHEN 'f' THEN 'failed'
+               WHEN 'r' THEN 'released'
+           END,
+           k.result, k.attempt, k.recovery_point, encode(k.fingerprint, 'hex'),
+           k.created_at, k.finished_at, k.expires_at, k.locked_until
+      FROM idempotency.keys AS k
+     WHERE idempotency._check_key($1, $2)
+       AND k.scope = $2
+       AND k.key = $1
+       AND (k.expires_at IS NULL OR k.expires_at > clock_timestamp())
+$$;
+COMMENT ON FUNCTION idem_get IS 'The committed state of a key, or no row when it is unknown or expired';

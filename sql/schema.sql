@@ -1,0 +1,39 @@
+-- The stored keys. Applications never write here directly: the idem_*
+-- functions do, as the extension's owner (SECURITY DEFINER). PUBLIC gets no
+-- access at all, since results may hold what a request returned.
+CREATE SCHEMA idempotency;
+COMMENT ON SCHEMA idempotency IS 'Stored idempotency keys; written only through the idem_* functions';
+REVOKE ALL ON SCHEMA idempotency FROM PUBLIC;
+
+-- One row a key. Fixed-width columns first to keep rows compact. status:
+-- p = in progress, c = completed, f = failed, r = released for a retry.
+-- scope and key use the "C" collation: byte order is all the index needs, and
+-- it is much cheaper than a linguistic collation. fillfactor leaves room on
+-- each page so that idem_finish's update of a fresh claim stays a HOT update.
+-- expires_at is deliberately not indexed, for the same reason.
+CREATE TABLE idempotency.keys (
+    created_at     timestamptz NOT NULL,
+    finished_at    timestamptz,
+    expires_at     timestamptz,
+    locked_until   timestamptz,
+    lease          interval,
+    token          bigint,
+    attempt        integer NOT NULL,
+    status         "char" NOT NULL CHECK (status IN ('p', 'c', 'f', 'r')),
+    scope          text COLLATE "C" NOT NULL,
+    key            text COLLATE "C" NOT NULL,
+    fingerprint    bytea,
+    recovery_point text,
+    result         jsonb,
+    PRIMARY KEY (scope, key)
+) WITH (fillfactor = 80);
+COMMENT ON TABLE idempotency.keys IS 'One row per idempotency key; see idem_get() for a readable view of a key';
+REVOKE ALL ON idempotency.keys FROM PUBLIC;
+
+-- Fencing tokens for lease mode: one sequence, so tokens only ever grow.
+CREATE SEQUENCE idempotency.tokens;
+REVOKE ALL ON SEQUENCE idempotency.tokens FROM PUBLIC;
+
+-- Keep the data (and the token sequence's position) in pg_dump output.
+SELECT pg_catalog.pg_extension_config_dump('idempotency.keys', '');
+SELECT pg_catalog.pg_extension_config_dump('idempotency.tokens', '');

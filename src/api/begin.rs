@@ -1,0 +1,239 @@
+//! `idem_begin`: claim a key, or learn why not.
+//!
+//! The claim is a row in `idempotency.keys` with status `p`. In transaction
+//! mode it is written by the caller's transaction and so commits or rolls
+//! back with the caller's own writes; while that transaction is open, other
+//! transactions see the uncommitted row through the probe and answer
+//! `in_progress`. In lease mode the row carries `locked_until` and a fencing
+//! token, and others answer `in_progress` until the lease ends.
+use crate::api::json::fingerprint_of_jsonb;
+use crate::api::key_and_scope;
+use crate::errors::{error, name_key, Code};
+use crate::fmgr::{self, finfo_v1, Args};
+use crate::held::{self, Held};
+use crate::store::lock::KeyLock;
+use crate::store::probe::{probe, Row, Seen};
+use crate::store::statements::{self, Claim};
+use crate::store::wait::{sleep_until, wait_for_transaction};
+use crate::store::{COMPLETED, FAILED, IN_PROGRESS, RELEASED};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+enum Answer {
+    Started { attempt: i32, recovery_point: Option<String>, token: Option<i64> },
+    Completed { result: Option<pg_sys::Datum>, attempt: i32, recovery_point: Option<String> },
+    Failed { result: Option<pg_sys::Datum>, attempt: i32, recovery_point: Option<String> },
+    InProgress { attempt: i32 },
+    Mismatch,
+}
+
+finfo_v1!(pg_finfo_idem_begin);
+
+/// `idem_begin(key, request, scope, lease, wait)`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn idem_begin(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let args = unsafe { Args::new(fcinfo) };
+    let (key, scope) = key_and_scope(&args, 0, 2);
+    let lease = args.interval(3);
+    if let Some(iv) = &lease {
+        if fmgr::interval_micros(iv) <= 0 {
+            error(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("lease for {} must be positive", name_key(&key, &scope)))
+                .hint("Pass an interval such as '2 minutes', or NULL for transaction mode.")
+                .raise();
+        }
+    }
+    let wait = args.interval_micros(4).unwrap_or(0);
+    if wait < 0 {
+        error(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("wait for {} must not be negative", name_key(&key, &scope)))
+            .hint("Pass '0' to answer at once, or how long to wait for the holder.")
+            .raise();
+    }
+    let fingerprint = args.datum(1).map(|d| fingerprint_of_jsonb(d, &key, &scope));
+
+    let answer = begin(&key, &scope, fingerprint, lease.as_ref(), wait);
+
+    let mut values = [pg_sys::Datum::from(0usize); 5];
+    let mut nulls = [true; 5];
+    let (status, result, attempt, recovery_point, token) = match answer {
+        Answer::Started { attempt, recovery_point, token } => ("started", None, Some(attempt), recovery_point, token),
+        Answer::Completed { result, attempt, recovery_point } => ("completed", result, Some(attempt), recovery_point, None),
+        Answer::Failed { result, attempt, recovery_point } => ("failed", result, Some(attempt), recovery_point, None),
+        Answer::InProgress { attempt } => ("in_progress", None, Some(attempt), None, None),
+        Answer::Mismatch => ("mismatch", None, None, None, None),
+    };
+    (values[0], nulls[0]) = fmgr::text_datum(Some(status));
+    if let Some(r) = result {
+        (values[1], nulls[1]) = (r, false);
+    }
+    if let Some(a) = attempt {
+        (values[2], nulls[2]) = (pg_sys::Datum::from(a), false);
+    }
+    (values[3], nulls[3]) = fmgr::text_datum(recovery_point.as_deref());
+    if let Some(t) = token {
+        (values[4], nulls[4]) = (pg_sys::Datum::from(t), false);
+    }
+    unsafe { fmgr::return_row(fcinfo, &mut values, &mut nulls) }
+}
+
+fn differs(stored: Option<&[u8; 32]>, new: Option<&[u8; 32]>) -> bool {
+    matches!((stored, new), (Some(a), Some(b)) if a != b)
+}
+
+fn clock() -> pg_sys::TimestampTz {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+fn transaction_start() -> pg_sys::TimestampTz {
+    unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }
+}
+
+fn snapshot_is_transaction_wide() -> bool {
+    unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
+}
+
+fn serialization_failure(key: &str, scope: &str) -> ! {
+    error(
+        Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
+        format!("could not serialize access to {}: it changed after this transaction's snapshot", name_key(key, scope)),
+    )
+    .hint("Retry the transaction.")
+    .raise()
+}
+
+fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&pg_sys::Interval>, wait: i128) -> Answer {
+    // A key this transaction already holds: the same attempt again.
+    if lease.is_none() {
+        if let Some(h) = held::get(scope, key).filter(|h| !h.finished) {
+            if differs(h.fingerprint.as_ref(), fingerprint.as_ref()) {
+                return Answer::Mismatch;
+            }
+            return Answer::Started { attempt: h.attempt, recovery_point: h.recovery_point, token: None };
+        }
+    }
+    let deadline = clock().saturating_add(wait.min(i64::MAX as i128) as i64);
+    loop {
+        let lock = KeyLock::acquire(scope, key);
+        let now = clock();
+        match probe(scope, key) {
+            Seen::Absent => {
+                let claim = new_claim(1, fingerprint.as_ref(), None, Some(transaction_start()), lease, now);
+                let inserted = statements::insert_claim(scope, key, &claim);
+                lock.release();
+                if inserted {
+                    return started(scope, key, claim, fingerprint);
+                }
+                // Only a row our snapshot cannot see gets here.
+                if snapshot_is_transaction_wide() {
+                    serialization_failure(key, scope);
+                }
+            }
+            Seen::Deleting { xid } => {
+                // A purge is removing the expired row; it commits quickly.
+                lock.release();
+                unsafe { pg_sys::XactLockTableWait(xid, std::ptr::null_mut(), std::ptr::null_mut(), pg_sys::XLTW_Oper::XLTW_None) };
+            }
+            Seen::Busy { xid, row } => {
+                lock.release();
+                if differs(row.fingerprint.as_ref(), fingerprint.as_ref()) {
+                    return Answer::Mismatch;
+                }
+                if now >= deadline {
+                    return Answer::InProgress { attempt: row.attempt };
+                }
+                wait_for_transaction(xid, deadline);
+            }
+            Seen::Found(row) => {
+                let expired = row.expires_at.is_some_and(|e| e <= now);
+                let leased = row.status == IN_PROGRESS && !row.own && row.locked_until.is_some_and(|l| l > now);
+                if !expired && differs(row.fingerprint.as_ref(), fingerprint.as_ref()) {
+                    lock.release();
+                    return Answer::Mismatch;
+                }
+                let claim = match row.status {
+                    _ if expired => {
+                        // Past its expiry a key is unknown: start afresh.
+                        new_claim(1, fingerprint.as_ref(), None, Some(transaction_start()), lease, now)
+                    }
+                    COMPLETED | FAILED => {
+                        lock.release();
+                        return replay(row);
+                    }
+                    IN_PROGRESS if row.own => {
+                        lock.release();
+                        return Answer::Started { attempt: row.attempt, recovery_point: row.recovery_point, token: row.token };
+                    }
+                    IN_PROGRESS if leased => {
+                        lock.release();
+                        if now >= deadline {
+                            return Answer::InProgress { attempt: row.attempt };
+                        }
+                        let until = row.locked_until.unwrap_or(now).min(deadline);
+                        sleep_until(until);
+                        continue;
+                    }
+                    // Released for a retry, or a lease that has ended: the
+                    // next attempt, resuming from the last recovery point.
+                    IN_PROGRESS | RELEASED => new_claim(
+                        row.attempt + 1,
+                        row.fingerprint.as_ref().or(fingerprint.as_ref()),
+                        row.recovery_point.as_deref(),
+                        None,
+                        lease,
+                        now,
+                    ),
+                    other => pgrx::error!("idempotency.keys holds an unknown status {:?}", other as char),
+                };
+                let updated = statements::update_claim(scope, key, &claim);
+                lock.release();
+                if updated {
+                    return started(scope, key, claim, fingerprint);
+                }
+                if snapshot_is_transaction_wide() {
+                    serialization_failure(key, scope);
+                }
+            }
+        }
+    }
+}
+
+fn new_claim<'a>(
+    attempt: i32,
+    fingerprint: Option<&'a [u8; 32]>,
+    recovery_point: Option<&'a str>,
+    created_at: Option<pg_sys::TimestampTz>,
+    lease: Option<&'a pg_sys::Interval>,
+    now: pg_sys::TimestampTz,
+) -> Claim<'a> {
+    let (locked_until, token) = match lease {
+        Some(iv) => (Some(fmgr::timestamptz_plus(now, iv)), Some(statements::next_token())),
+        None => (None, None),
+    };
+    Claim { attempt, fingerprint, recovery_point, created_at, locked_until, token, lease }
+}
+
+fn started(scope: &str, key: &str, claim: Claim, fingerprint: Option<[u8; 32]>) -> Answer {
+    let recovery_point = claim.recovery_point.map(str::to_string);
+    if claim.token.is_none() {
+        held::set(
+            scope,
+            key,
+            Held {
+                attempt: claim.attempt,
+                fingerprint: claim.fingerprint.copied().or(fingerprint),
+                recovery_point: recovery_point.clone(),
+                finished: false,
+            },
+        );
+    }
+    Answer::Started { attempt: claim.attempt, recovery_point, token: claim.token }
+}
+
+fn replay(row: Row) -> Answer {
+    let Row { status, result, attempt, recovery_point, .. } = row;
+    if status == COMPLETED {
+        Answer::Completed { result, attempt, recovery_point }
+    } else {
+        Answer::Failed { result, attempt, recovery_point }
+    }
+}

@@ -1,0 +1,52 @@
+//! The SQL entry points. Their signatures are declared in
+//! `sql/functions.sql`; each module here implements one family.
+pub mod begin;
+pub mod json;
+pub mod outcome;
+
+use crate::errors::{error, name_key, Code};
+use crate::fmgr::Args;
+use crate::settings;
+
+/// Reads and checks the key and scope arguments (22004 for NULL, 22023 for
+/// empty or too long).
+pub fn key_and_scope(args: &Args, key_arg: usize, scope_arg: usize) -> (String, String) {
+    let key = args.text(key_arg);
+    let scope = args.text(scope_arg);
+    let (key, scope) = match (key, scope) {
+        (None, _) => error(Code::ERRCODE_NULL_VALUE_NOT_ALLOWED, "idempotency key must not be NULL")
+            .hint("Pass the key that identifies this piece of work, such as 'charge:order-42'.")
+            .raise(),
+        (Some(k), None) => error(
+            Code::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!("scope of {} must not be NULL", name_key(&k, "")),
+        )
+        .hint("Omit scope, or pass '' for keys without a scope.")
+        .raise(),
+        (Some(k), Some(s)) => (k, s),
+    };
+    check_key(&key, &scope);
+    (key, scope)
+}
+
+pub fn check_key(key: &str, scope: &str) {
+    if key.is_empty() {
+        let whose = if scope.is_empty() { String::new() } else { format!(" in scope \"{scope}\"") };
+        error(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("idempotency key{whose} must not be empty"))
+            .hint("Pass the key that identifies this piece of work, such as 'charge:order-42'.")
+            .raise();
+    }
+    let max = settings::MAX_KEY_LENGTH.get().max(1) as usize;
+    for (what, value) in [("key", key), ("scope", scope)] {
+        let chars = value.chars().count();
+        if chars > max {
+            error(
+                Code::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("{} is too long: its {what} has {chars} characters", name_key(key, scope)),
+            )
+            .detail(format!("idempotency.max_key_length is {max}."))
+            .hint("Use a shorter key, or hash a long natural key with idem_fingerprint().")
+            .raise();
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! `idem_finish`, `idem_fail` and `idem_checkpoint`: what the holder of a key
+//! records. In transaction mode the holder is the transaction that began the
+//! key; in lease mode it is whoever presents the current fencing token.
+use crate::api::key_and_scope;
+use crate::errors::{error, name_key, Code};
+use crate::fmgr::{self, finfo_v1, Args};
+use crate::held::{self, Held};
+use crate::settings;
+use crate::store::lock::KeyLock;
+use crate::store::probe::{probe, Seen};
+use crate::store::statements;
+use crate::store::{COMPLETED, FAILED, IN_PROGRESS, RELEASED};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+fn not_held(key: &str, scope: &str) -> ! {
+    error(
+        Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("{} is not held by this transaction", name_key(key, scope)),
+    )
+    .hint("Call idem_begin() for it in this transaction first and act only on 'started'; for a key begun with a lease, pass its token.")
+    .raise()
+}
+
+fn fenced(key: &str, scope: &str, token: i64) -> ! {
+    error(
+        Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
+        format!("token {token} is no longer current for {}", name_key(key, scope)),
+    )
+    .detail("The lease ended and another worker took the key over, or the key was finished.")
+    .hint("Stop this attempt: its work belongs to the key's current holder.")
+    .raise()
+}
+
+/// Who is writing: this transaction (the held entry) or a lease holder.
+enum Holder {
+    Transaction(Held),
+    Lease,
+}
+
+/// Checks that the caller holds the key, and returns the key lock when the
+/// holder is a lease (so no takeover can slip in before the write).
+fn holder(key: &str, scope: &str, token: Option<i64>) -> (Holder, Option<KeyLock>) {
+    match token {
+        None => match held::get(scope, key) {
+            Some(h) if !h.finished => (Holder::Transaction(h), None),
+            _ => not_held(key, scope),
+        },
+        Some(token) => {
+            let lock = KeyLock::acquire(scope, key);
+            match probe(scope, key) {
+                Seen::Found(row) if row.status == IN_PROGRESS && row.token == Some(token) => {
+                    (Holder::Lease, Some(lock))
+                }
+                Seen::Absent | Seen::Deleting { .. } => {
+                    lock.release();
+                    not_held(key, scope)
+                }
+                _ => {
+                    lock.release();
+                    fenced(key, scope, token)
+                }
+            }
+        }
+    }
+}
+
+fn ttl_expiry(key: &str, scope: &str, ttl: Option<pg_sys::Interval>) -> (pg_sys::TimestampTz, pg_sys::TimestampTz) {
+    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    let expires = match ttl {
+        Some(iv) => {
+            if fmgr::interval_micros(&iv) <= 0 {
+                error(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("ttl for {} must be positive", name_key(key, scope)))
+                    .hint("Pass an interval such as '7 days', or omit ttl to use idempotency.ttl.")
+                    .raise();
+            }
+            fmgr::timestamptz_plus(now, &iv)
+        }
+        None => now.saturating_add(settings::TTL_SECONDS.get() as i64 * 1_000_000),
+    };
+    (now, expires)
+}
+
+fn record_outcome(
+    key: &str,
+    scope: &str,
+    token: Option<i64>,
+    status: u8,
+    result: Option<pg_sys::Datum>,
+    ttl: Option<pg_sys::Interval>,
+) {
+    let (now, expires) = ttl_expiry(key, scope, ttl);
+    let (who, lock) = holder(key, scope, token);
+    if !statements::update_outcome(scope, key, status, result, now, expires) {
+        not_held(key, scope);
+    }
+    if let Some(lock) = lock {
+        lock.release();
+    }
+    if let Holder::Transaction(h) = who {
+        held::set(scope, key, Held { finished: true, ..h });
+    }
+}
+
+finfo_v1!(pg_finfo_idem_finish);
+
+/// `idem_finish(key, result, scope, token, ttl)`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn idem_finish(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let args = unsafe { Args::new(fcinfo) };
+    let (key, scope) = key_and_scope(&args, 0, 2);
+    record_outcome(&key, &scope, args.i64(3), COMPLETED, args.datum(1), args.interval(4));
+    pg_sys::Datum::from(0usize)
+}
+
+finfo_v1!(pg_finfo_idem_fail);
+
+/// `idem_fail(key, error, scope, retryable, token)`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn idem_fail(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let args = unsafe { Args::new(fcinfo) };
+    let (key, scope) = key_and_scope(&args, 0, 2);
+    let status = if args.bool(3).unwrap_or(true) { RELEASED } else { FAILED };
+    record_outcome(&key, &scope, args.i64(4), status, args.datum(1), None);
+    pg_sys::Datum::from(0usize)
+}
+
+finfo_v1!(pg_finfo_idem_checkpoint);
+
+/// `idem_checkpoint(key, recovery_point, scope, token)`: records progress
+/// and, in lease mode, renews the lease for as long as it was first taken.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn idem_checkpoint(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let args = unsafe { Args::new(fcinfo) };
+    let (key, scope) = key_and_scope(&args, 0, 2);
+    let recovery_point = args.text(1);
+    let token = args.i64(3);
+    let (who, lock) = holder(&key, &scope, token);
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    if !statements::update_checkpoint(&scope, &key, recovery_point.as_deref(), now) {
+        not_held(&key, &scope);
+    }
+    if let Some(lock) = lock {
+        lock.release();
+    }
+    if let Holder::Transaction(h) = who {
+        held::set(&scope, &key, Held { recovery_point, ..h });
+    }
+    pg_sys::Datum::from(0usize)
+}

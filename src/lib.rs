@@ -1,0 +1,128 @@
+//! `idempotency`: safe retries for PostgreSQL.
+//!
+//! The public surface is the `idem_*` functions declared in `sql/functions.sql`;
+//! this crate implements them. Where things live:
+//!
+//! - `api/`: one module per SQL entry point family (argument checks, results).
+//! - `store/`: the key table: the dirty-snapshot probe, the per-key claim lock
+//!   and the prepared statements that write rows.
+//! - `held.rs`: the keys this transaction holds, kept in step with savepoints
+//!   and checked at COMMIT.
+//! - `canonical.rs`: RFC 8785 canonical JSON and SHA-256 fingerprints.
+//! - `settings.rs`: the `idempotency.*` settings.
+//! - `errors.rs`: errors with SQLSTATE, key, detail and hint.
+use pgrx::prelude::*;
+
+mod api;
+mod canonical;
+mod errors;
+mod fmgr;
+mod held;
+mod settings;
+mod store;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/functions.sql", name = "functions", finalize);
+
+#[allow(non_snake_case)]
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::init();
+    held::init();
+    store::init();
+}
+
+/// Unit tests inside Postgres (`cargo pgrx test`). Each runs in its own
+/// transaction, rolled back at the end; what needs COMMIT, savepoints seen
+/// from a client or a second session is tested by pg_regress and the
+/// isolation specs in `tests/`.
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn one<T: pgrx::FromDatum + pgrx::IntoDatum>(sql: &str) -> T {
+        Spi::get_one::<T>(sql).expect("query runs").expect("not NULL")
+    }
+
+    #[pg_test]
+    fn begin_claims_then_replays_the_stored_result() {
+        assert_eq!(one::<String>("SELECT status FROM idem_begin('t:1', '{\"a\": 1}')"), "started");
+        assert_eq!(one::<i32>("SELECT attempt FROM idem_begin('t:1', '{\"a\": 1}')"), 1);
+        Spi::run("SELECT idem_finish('t:1', '{\"id\": 7}')").unwrap();
+        assert_eq!(one::<String>("SELECT status FROM idem_begin('t:1')"), "completed");
+        assert_eq!(one::<String>("SELECT result::text FROM idem_begin('t:1')"), "{\"id\": 7}");
+        assert_eq!(one::<String>("SELECT status FROM idem_begin('t:1', '{\"a\": 2}')"), "mismatch");
+        assert_eq!(one::<String>("SELECT status FROM idem_get('t:1')"), "completed");
+    }
+
+    #[pg_test]
+    fn a_table_of_begin_answers() {
+        // (statement before, key, request, expected status)
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("", "fresh", "NULL", "started"),
+            ("SELECT idem_fail('r', '\"e\"')", "r", "NULL", "started"),
+            ("SELECT idem_fail('p', '\"e\"', retryable => false)", "p", "NULL", "failed"),
+            ("SELECT idem_finish('c', '1')", "c", "'{}'", "completed"),
+            ("SELECT idem_finish('m', '1')", "m", "'[1]'", "mismatch"),
+        ];
+        for (before, key, request, want) in cases {
+            Spi::run(&format!("SELECT idem_begin('{key}', request => '{{}}')")).unwrap();
+            if !before.is_empty() {
+                Spi::run(before).unwrap();
+            }
+            let got = one::<String>(&format!("SELECT status FROM idem_begin('{key}', request => {request}::jsonb)"));
+            assert_eq!(&got, want, "key {key}");
+        }
+    }
+
+    #[pg_test]
+    fn retry_after_release_counts_attempts() {
+        Spi::run("SELECT idem_begin('t:2')").unwrap();
+        Spi::run("SELECT idem_fail('t:2')").unwrap();
+        assert_eq!(one::<i32>("SELECT attempt FROM idem_begin('t:2')"), 2);
+        Spi::run("SELECT idem_fail('t:2')").unwrap();
+        assert_eq!(one::<i32>("SELECT attempt FROM idem_begin('t:2')"), 3);
+    }
+
+    #[pg_test(error = "idempotency key \"nope\" is not held by this transaction")]
+    fn finish_without_begin_is_refused() {
+        Spi::run("SELECT idem_finish('nope')").unwrap();
+    }
+
+    #[pg_test(error = "idempotency key must not be NULL")]
+    fn null_key_is_refused() {
+        Spi::run("SELECT idem_begin(NULL)").unwrap();
+    }
+
+    #[pg_test]
+    fn fingerprint_is_sha256_of_canonical_text() {
+        let cases: &[(&str, &str)] = &[
+            ("{}", "{}"),
+            ("{\"b\": 1, \"a\": [1.50, null]}", "{\"a\":[1.5,null],\"b\":1}"),
+            ("1e30", "1e+30"),
+            ("\"\\u001f\"", "\"\\u001f\""),
+        ];
+        for (input, canonical) in cases {
+            assert_eq!(&one::<String>(&format!("SELECT idem_canonical('{input}')")), canonical);
+            let same = one::<bool>(&format!(
+                "SELECT idem_fingerprint('{input}') = encode(sha256(convert_to('{}', 'UTF8')), 'hex')",
+                canonical.replace('\'', "''")
+            ));
+            assert!(same, "fingerprint of {input}");
+        }
+    }
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

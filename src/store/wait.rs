@@ -1,0 +1,66 @@
+//! Waiting, for at most a given time, for the transaction that holds a key.
+//!
+//! The wait is a real lock wait on the holder's transaction id, as a row lock
+//! wait is: it shows in `pg_locks`, the deadlock detector sees it, and it ends
+//! the moment the holder commits or rolls back. Postgres offers no lock wait
+//! that returns when a timeout passes, only `lock_timeout`, which raises. So
+//! the wait runs with `lock_timeout` set to what is left of `wait`, inside an
+//! internal subtransaction that catches exactly that error. The subtransaction
+//! writes nothing, so it costs no transaction id.
+use pgrx::pg_sys;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::pg_sys::PgTryBuilder;
+use pgrx::PgSqlErrorCode;
+
+/// Waits until transaction `xid` ends or `deadline` passes.
+pub fn wait_for_transaction(xid: pg_sys::TransactionId, deadline: pg_sys::TimestampTz) {
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    if now >= deadline {
+        return;
+    }
+    let left_ms = ((deadline - now + 999) / 1000).clamp(1, i32::MAX as i64) as i32;
+    unsafe {
+        let old_context = pg_sys::CurrentMemoryContext;
+        let old_owner = pg_sys::CurrentResourceOwner;
+        let old_timeout = pg_sys::LockTimeout;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(old_context);
+        // A shorter lock_timeout of the caller's own still applies.
+        pg_sys::LockTimeout = if old_timeout > 0 { old_timeout.min(left_ms) } else { left_ms };
+        PgTryBuilder::new(|| {
+            pg_sys::XactLockTableWait(xid, std::ptr::null_mut(), std::ptr::null_mut(), pg_sys::XLTW_Oper::XLTW_None);
+            pg_sys::ReleaseCurrentSubTransaction();
+        })
+        .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_: CaughtError| {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        })
+        .finally(|| {
+            pg_sys::LockTimeout = old_timeout;
+            pg_sys::MemoryContextSwitchTo(old_context);
+            pg_sys::CurrentResourceOwner = old_owner;
+        })
+        .execute();
+    }
+}
+
+/// Sleeps until `until` (a lease's end), waking every 10 ms at most so that
+/// cancellation stays prompt.
+pub fn sleep_until(until: pg_sys::TimestampTz) {
+    loop {
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        if now >= until {
+            return;
+        }
+        let ms = ((until - now + 999) / 1000).clamp(1, 10);
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                ms as _,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+    }
+}

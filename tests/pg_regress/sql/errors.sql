@@ -1,0 +1,94 @@
+-- Every error a caller can branch on, with its SQLSTATE.
+-- NULL key or scope: 22004.
+SELECT * FROM idem_begin(NULL);
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM idem_begin('k', scope => NULL);
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_finish(NULL);
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_fail('k', scope => NULL);
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM idem_get(NULL);
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_checkpoint(NULL, 'p');
+\echo :LAST_ERROR_SQLSTATE
+
+-- Empty or too long key or scope: 22023.
+SELECT * FROM idem_begin('');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM idem_begin('', scope => 'tenant-1');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM idem_begin(repeat('k', 256));
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM idem_begin('k', scope => repeat('s', 256));
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM idem_get(repeat('k', 256));
+\echo :LAST_ERROR_SQLSTATE
+-- 255 characters is the default limit, counted in characters, not bytes.
+BEGIN;
+SELECT status FROM idem_begin(repeat('€', 255));
+ROLLBACK;
+SET idempotency.max_key_length = 8;
+SELECT * FROM idem_begin('123456789');
+\echo :LAST_ERROR_SQLSTATE
+RESET idempotency.max_key_length;
+SET idempotency.max_key_length = 100000;
+\echo :LAST_ERROR_SQLSTATE
+
+-- lease and ttl must be positive, wait not negative: 22023.
+SELECT * FROM idem_begin('k', lease => '0 seconds');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM idem_begin('k', lease => '-1 minute');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM idem_begin('k', wait => '-1 second');
+\echo :LAST_ERROR_SQLSTATE
+BEGIN;
+SELECT status FROM idem_begin('k');
+SELECT idem_finish('k', ttl => '0 seconds');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK;
+SET idempotency.ttl = 0;
+\echo :LAST_ERROR_SQLSTATE
+
+-- Finishing a key this transaction does not hold: 55000.
+SELECT idem_finish('not-begun');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_fail('not-begun', scope => 'tenant-1');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_checkpoint('not-begun', 'step-1');
+\echo :LAST_ERROR_SQLSTATE
+BEGIN;
+SELECT status FROM idem_begin('twice');
+SELECT idem_finish('twice');
+SELECT idem_finish('twice');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK;
+-- A key finished in an earlier transaction is not held either.
+BEGIN;
+SELECT status FROM idem_begin('done');
+SELECT idem_finish('done');
+COMMIT;
+BEGIN;
+SELECT status FROM idem_begin('done');
+SELECT idem_finish('done');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK;
+
+-- COMMIT after 'started' without finish or fail: 55000.
+BEGIN;
+SELECT status FROM idem_begin('left-open', scope => 'tenant-1');
+COMMIT;
+\echo :LAST_ERROR_SQLSTATE
+-- PREPARE TRANSACTION is held to the same rule.
+BEGIN;
+SELECT status FROM idem_begin('left-open-2pc');
+PREPARE TRANSACTION 'idem-left-open';
+\echo :LAST_ERROR_SQLSTATE
+SELECT count(*) FROM pg_prepared_xacts;
+
+-- A request that is not representable as RFC 8785 JSON: 22023.
+SELECT * FROM idem_begin('k', request => ('[1' || repeat('0', 400) || ']')::jsonb);
+\echo :LAST_ERROR_SQLSTATE
+
+-- Nothing of the above left a key behind.
+SELECT count(*) FROM idempotency.keys WHERE key <> 'done';

@@ -1,0 +1,43 @@
+-- The key table is the extension's: dumped with the data, closed to PUBLIC.
+SELECT extconfig::regclass[] AS dumped FROM pg_extension WHERE extname = 'idempotency';
+SELECT has_table_privilege('public', 'idempotency.keys', 'SELECT') AS public_select,
+       has_table_privilege('public', 'idempotency.keys', 'INSERT') AS public_insert,
+       has_schema_privilege('public', 'idempotency', 'USAGE') AS public_usage;
+-- The idem_* functions live in the schema the extension was installed into.
+SELECT p.proname, n.nspname, p.prosecdef, p.provolatile, p.proparallel
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE p.proname LIKE 'idem\_%' ORDER BY p.proname;
+
+-- An application role can use the functions but not touch the table.
+CREATE ROLE idem_app LOGIN;
+SET ROLE idem_app;
+BEGIN;
+SELECT status FROM idem_begin('app:1', '{"a": 1}');
+SELECT idem_finish('app:1', '{"done": true}');
+COMMIT;
+SELECT status, result FROM idem_begin('app:1', '{"a": 1}');
+SELECT status, result FROM idem_get('app:1');
+SELECT count(*) FROM idempotency.keys;
+\echo :LAST_ERROR_SQLSTATE
+DELETE FROM idempotency.keys;
+\echo :LAST_ERROR_SQLSTATE
+-- A hostile search_path does not change what the functions do: with an
+-- "=" that matches everything first on the path, finishing app:2 must not
+-- touch app:1.
+RESET ROLE;
+CREATE SCHEMA evil;
+GRANT ALL ON SCHEMA evil TO idem_app;
+SET ROLE idem_app;
+CREATE FUNCTION evil.texteq_always(text, text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.texteq_always);
+SET search_path = evil, public, pg_catalog;
+BEGIN;
+SELECT status FROM idem_begin('app:2');
+SELECT 'app:1'::text = 'anything'::text AS evil_equals;
+SELECT idem_finish('app:2', '2');
+COMMIT;
+RESET search_path;
+RESET ROLE;
+SELECT key, result FROM idempotency.keys WHERE key LIKE 'app:%' ORDER BY key;
+DROP SCHEMA evil CASCADE;
+DROP ROLE idem_app;
