@@ -98,11 +98,21 @@ pub fn es_number(f: f64) -> String {
         return "0".to_string(); // also -0
     }
     let sign = if f < 0.0 { "-" } else { "" };
-    // `{:e}` gives the shortest digits that round-trip, as the spec asks.
-    let sci = format!("{:e}", f.abs());
+    // The spec asks for the fewest digits that round-trip and, of those, the
+    // ones closest to the exact value, the even one on a tie. `{:e}` finds
+    // how few digits suffice; formatting again with exactly that many picks
+    // the closest, rounding half to even (1424953923781206.25 prints as
+    // ...206.2, where the shortest mode alone gives ...206.3).
+    let shortest = format!("{:e}", f.abs());
+    let k = shortest.split_once('e').expect("LowerExp has an exponent").0.replace('.', "").len();
+    let sci = format!("{:.*e}", k - 1, f.abs());
     let (mantissa, exp) = sci.split_once('e').expect("LowerExp always has an exponent");
     let exp: i32 = exp.parse().expect("LowerExp exponent is an integer");
     let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let digits = match digits.trim_end_matches('0') {
+        "" => "0".to_string(),
+        d => d.to_string(),
+    };
     let k = digits.len() as i32;
     let n = exp + 1;
     let body = if k <= n && n <= 21 {
