@@ -112,6 +112,10 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
         }
     }
     let deadline = clock().saturating_add(wait.min(i64::MAX as i128) as i64);
+    // A lease holder's finish is a commit we cannot wait on as a lock (it is
+    // another transaction than the claim's), so a wait on a lease re-reads
+    // the key, every 1 ms at first and every 50 ms at most.
+    let mut lease_poll: i64 = 1_000;
     loop {
         let lock = KeyLock::acquire(scope, key);
         let now = clock();
@@ -169,7 +173,8 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                             return Answer::InProgress { attempt: row.attempt };
                         }
                         let until = row.locked_until.unwrap_or(now).min(deadline);
-                        sleep_until(until);
+                        sleep_until(until.min(now.saturating_add(lease_poll)));
+                        lease_poll = (lease_poll * 2).min(50_000);
                         continue;
                     }
                     // Released for a retry, or a lease that has ended: the

@@ -43,8 +43,8 @@ pub fn wait_for_transaction(xid: pg_sys::TransactionId, deadline: pg_sys::Timest
     }
 }
 
-/// Sleeps until `until` (a lease's end), waking every 10 ms at most so that
-/// cancellation stays prompt.
+/// Sleeps until `until`, waking every 10 ms at most so that cancellation
+/// stays prompt.
 pub fn sleep_until(until: pg_sys::TimestampTz) {
     loop {
         let now = unsafe { pg_sys::GetCurrentTimestamp() };

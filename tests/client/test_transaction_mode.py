@@ -99,11 +99,11 @@ def test_waiters_get_the_holders_result_as_soon_as_it_commits(conn, fresh_keys):
 
 def test_the_demo_charges_every_order_exactly_once(conn, capsys):
     worker.prepare_schema(reset=True)
-    assert worker.run(jobs=20, workers=6, seed=7, work_seconds=0.02) == 0
+    assert worker.run(jobs=20, workers=6, seed=7) == 0
     payments = conn.execute("SELECT count(*), count(DISTINCT order_id) FROM shop.payments").fetchone()
     assert payments == (20, 20)
     # A second run over the same orders replays every one and charges nothing.
-    assert worker.run(jobs=20, workers=6, seed=7, work_seconds=0.02) == 0
+    assert worker.run(jobs=20, workers=6, seed=7) == 0
     assert conn.execute("SELECT count(*) FROM shop.payments").fetchone() == (20,)
     out = capsys.readouterr().out
     assert "every order charged exactly once" in out
