@@ -60,10 +60,14 @@ install_extension() {
     (cd "$ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null)
 }
 
-# start_cluster DIR PORT: a throwaway cluster owned by the postgres user,
-# listening only on a socket in DIR. Prints nothing on success.
+# start_cluster DIR PORT [bench]: a throwaway cluster owned by the postgres
+# user, listening only on a socket in DIR. Test clusters skip fsync; the
+# bench profile keeps it and sizes memory and WAL like a small server, with
+# synchronous_commit off so that the figures measure CPU work rather than the
+# disk's flush latency, which every variant pays alike. Prints nothing on
+# success.
 start_cluster() {
-    local dir=$1 port=$2
+    local dir=$1 port=$2 profile=${3:-test}
     stop_cluster "$dir"
     rm -rf "$dir"
     mkdir -p "$dir"
@@ -74,9 +78,21 @@ listen_addresses = ''
 port = $port
 unix_socket_directories = '$dir'
 max_prepared_transactions = 10
-fsync = off
 CONF
-    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+    if [ "$profile" = bench ]; then
+        cat >>"$dir/data/postgresql.conf" <<CONF
+shared_buffers = 2GB
+synchronous_commit = off
+max_wal_size = 16GB
+checkpoint_timeout = 30min
+CONF
+    else
+        echo "fsync = off" >>"$dir/data/postgresql.conf"
+    fi
+    # Without RUST_BACKTRACE in the server's environment, errors carry no
+    # Rust backtrace in their DETAIL, as on a production server.
+    env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE \
+        runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
 }
 
 stop_cluster() {

@@ -51,6 +51,26 @@ LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 AS 'MODULE_PATHNAME', 'idem_checkpoint';
 COMMENT ON FUNCTION idem_checkpoint IS 'Record a recovery point for a held key and renew its lease';
 
+CREATE FUNCTION idem_once(key text, scope text DEFAULT '')
+RETURNS boolean
+LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+AS 'MODULE_PATHNAME', 'idem_once';
+COMMENT ON FUNCTION idem_once IS 'Record a key in the deduplication ledger: true the first time, false after';
+
+-- The upsert helpers run with the caller's privileges (SECURITY INVOKER):
+-- GRANTs and row-level security on the target apply as to any statement.
+CREATE FUNCTION idem_upsert(target regclass, "row" jsonb, conflict_columns text[] DEFAULT NULL)
+RETURNS text
+LANGUAGE c VOLATILE PARALLEL UNSAFE
+AS 'MODULE_PATHNAME', 'idem_upsert';
+COMMENT ON FUNCTION idem_upsert IS 'Insert a row, or update the row it conflicts with: inserted, updated or unchanged';
+
+CREATE FUNCTION idem_insert_once(target regclass, "row" jsonb, conflict_columns text[] DEFAULT NULL)
+RETURNS boolean
+LANGUAGE c VOLATILE PARALLEL UNSAFE
+AS 'MODULE_PATHNAME', 'idem_insert_once';
+COMMENT ON FUNCTION idem_insert_once IS 'Insert a row unless a conflicting row exists; true if it inserted';
+
 CREATE FUNCTION idem_canonical(value jsonb)
 RETURNS text
 LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE

@@ -30,6 +30,17 @@ CREATE TABLE idempotency.keys (
 COMMENT ON TABLE idempotency.keys IS 'One row per idempotency key; see idem_get() for a readable view of a key';
 REVOKE ALL ON idempotency.keys FROM PUBLIC;
 
+-- The deduplication ledger of idem_once: one row a recorded key, kept for
+-- good (a key is recorded once in committed history).
+CREATE TABLE idempotency.once (
+    recorded_at timestamptz NOT NULL,
+    scope       text COLLATE "C" NOT NULL,
+    key         text COLLATE "C" NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+COMMENT ON TABLE idempotency.once IS 'Keys recorded by idem_once()';
+REVOKE ALL ON idempotency.once FROM PUBLIC;
+
 -- Fencing tokens for lease mode: one sequence, so tokens only ever grow.
 CREATE SEQUENCE idempotency.tokens;
 REVOKE ALL ON SEQUENCE idempotency.tokens FROM PUBLIC;
@@ -37,3 +48,4 @@ REVOKE ALL ON SEQUENCE idempotency.tokens FROM PUBLIC;
 -- Keep the data (and the token sequence's position) in pg_dump output.
 SELECT pg_catalog.pg_extension_config_dump('idempotency.keys', '');
 SELECT pg_catalog.pg_extension_config_dump('idempotency.tokens', '');
+SELECT pg_catalog.pg_extension_config_dump('idempotency.once', '');

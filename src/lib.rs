@@ -6,6 +6,8 @@
 //! - `api/`: one module per SQL entry point family (argument checks, results).
 //! - `store/`: the key table: the dirty-snapshot probe, the per-key claim lock
 //!   and the prepared statements that write rows.
+//! - `target/`: the caller's tables for the upsert helpers: their columns and
+//!   unique keys, the statements built for them and their cached plans.
 //! - `held.rs`: the keys this transaction holds, kept in step with savepoints
 //!   and checked at COMMIT.
 //! - `canonical.rs`: RFC 8785 canonical JSON and SHA-256 fingerprints.
@@ -20,6 +22,7 @@ mod fmgr;
 mod held;
 mod settings;
 mod store;
+mod target;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -32,6 +35,7 @@ pub extern "C-unwind" fn _PG_init() {
     settings::init();
     held::init();
     store::init();
+    target::init();
 }
 
 /// Unit tests inside Postgres (`cargo pgrx test`). Each runs in its own

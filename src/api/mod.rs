@@ -2,7 +2,9 @@
 //! `sql/functions.sql`; each module here implements one family.
 pub mod begin;
 pub mod json;
+pub mod once;
 pub mod outcome;
+pub mod upsert;
 
 use crate::errors::{error, name_key, Code};
 use crate::fmgr::Args;

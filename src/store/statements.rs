@@ -45,6 +45,13 @@ const UPDATE_CHECKPOINT_TYPES: &[pg_sys::Oid] = &[TEXT, TEXT, TEXT, TSTZ];
 /// gets a larger token than any earlier one, even after the key was purged.
 const NEXT_TOKEN: &str = "SELECT pg_catalog.nextval('idempotency.tokens'::pg_catalog.regclass)";
 
+/// The deduplication ledger: a row is the record; ON CONFLICT DO NOTHING
+/// waits for another open transaction recording the same key, so exactly
+/// one caller ever inserts it.
+const INSERT_ONCE: &str = "INSERT INTO idempotency.once (scope, key, recorded_at) \
+     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+const INSERT_ONCE_TYPES: &[pg_sys::Oid] = &[TEXT, TEXT, TSTZ];
+
 #[derive(Clone, Copy)]
 enum Stmt {
     InsertClaim = 0,
@@ -52,6 +59,7 @@ enum Stmt {
     UpdateOutcome = 2,
     UpdateCheckpoint = 3,
     NextToken = 4,
+    InsertOnce = 5,
 }
 
 const ALL: &[(Stmt, &str, &[pg_sys::Oid])] = &[
@@ -60,6 +68,7 @@ const ALL: &[(Stmt, &str, &[pg_sys::Oid])] = &[
     (Stmt::UpdateOutcome, UPDATE_OUTCOME, UPDATE_OUTCOME_TYPES),
     (Stmt::UpdateCheckpoint, UPDATE_CHECKPOINT, UPDATE_CHECKPOINT_TYPES),
     (Stmt::NextToken, NEXT_TOKEN, &[]),
+    (Stmt::InsertOnce, INSERT_ONCE, INSERT_ONCE_TYPES),
 ];
 
 thread_local! {
@@ -207,4 +216,9 @@ pub fn next_token() -> i64 {
         (1, Some(d)) => d.value() as i64,
         _ => pgrx::error!("idempotency.tokens returned no value"),
     }
+}
+
+/// Records a key in the ledger; false when it was recorded before.
+pub fn insert_once(scope: &str, key: &str, now: pg_sys::TimestampTz) -> bool {
+    execute(Stmt::InsertOnce, &[text(scope), text(key), int8(Some(now))]) == 1
 }

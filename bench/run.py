@@ -1,0 +1,199 @@
+"""Benchmarks of idempotency against the hand-written alternative and the
+floor, driven by pgbench against a running cluster (PG* variables).
+
+Each workload runs its variants side by side, several rounds interleaved,
+and prints throughput, p50 and p99 latency per variant and the ratios the
+project holds itself to. Usage: run.py --mode smoke|quick|full
+"""
+import argparse
+import glob
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKLOADS = os.path.join(HERE, "workloads")
+
+MODES = {
+    # seconds per run, rounds, clients, scale keys
+    "smoke": dict(seconds=2, rounds=1, clients=2, scale_keys=10_000),
+    "quick": dict(seconds=10, rounds=3, clients=4, scale_keys=1_000_000),
+    "full": dict(seconds=30, rounds=5, clients=4, scale_keys=10_000_000),
+}
+
+
+def psql(sql, quiet=True):
+    out = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-c", sql],
+                         check=True, capture_output=True, text=True).stdout
+    return out.strip()
+
+
+def psql_file(path):
+    subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", path], check=True,
+                   capture_output=True, text=True)
+
+
+def pgbench(script, seconds, clients):
+    """Runs one pgbench measurement; returns (tps, p50 ms, p99 ms, transactions)."""
+    logdir = tempfile.mkdtemp(prefix="idem-bench-")
+    try:
+        cmd = ["pgbench", "-n", "-M", "prepared", "-T", str(seconds), "-c", str(clients),
+               "-j", str(min(clients, 2)), "-f", os.path.join(WORKLOADS, script),
+               "-l", "--log-prefix", os.path.join(logdir, "tx")]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out).group(1))
+        failed = re.search(r"number of failed transactions: (\d+)", out)
+        if failed and int(failed.group(1)):
+            raise RuntimeError(f"{script}: {failed.group(1)} failed transactions\n{out}")
+        latencies = []
+        for path in glob.glob(os.path.join(logdir, "tx*")):
+            with open(path) as f:
+                for line in f:
+                    latencies.append(int(line.split()[2]))
+        latencies.sort()
+        p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] / 1000.0
+        return tps, p(0.50), p(0.99), len(latencies)
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
+
+
+def compare(title, variants, mode, ratios, before_each=None):
+    """Runs `variants` ({name: script}) interleaved for mode's rounds.
+    `ratios` is a list of (label, numerator, denominator, target)."""
+    cfg = MODES[mode]
+    results = {name: [] for name in variants}
+    for r in range(cfg["rounds"]):
+        for name, script in variants.items():
+            if before_each:
+                before_each()
+            results[name].append(pgbench(script, cfg["seconds"], cfg["clients"]))
+    print(f"\n### {title}\n")
+    print(f"{cfg['clients']} clients, {cfg['rounds']} rounds of {cfg['seconds']} s per variant, interleaved; "
+          f"median of the rounds\n")
+    print("| variant | tps | p50 ms | p99 ms |")
+    print("| --- | ---: | ---: | ---: |")
+    med = {}
+    for name, runs in results.items():
+        tps = statistics.median(x[0] for x in runs)
+        p50 = statistics.median(x[1] for x in runs)
+        p99 = statistics.median(x[2] for x in runs)
+        med[name] = tps
+        print(f"| {name} | {tps:,.0f} | {p50:.3f} | {p99:.3f} |")
+    print()
+    missed = []
+    for label, num, den, target in ratios:
+        ratio = med[num] / med[den]
+        ok = ratio >= target
+        if not ok:
+            missed.append(label)
+        print(f"- {label}: **{ratio:.2f} x** (target {target:.2f} x) {'met' if ok else 'MISSED'}")
+    return missed
+
+
+def reset_business():
+    psql("TRUNCATE bench_business; TRUNCATE hw_keys; DELETE FROM idempotency.keys WHERE key LIKE 'job:%'; "
+         "VACUUM ANALYZE bench_business, hw_keys, idempotency.keys")
+
+
+def load_replay_keys(n):
+    psql(f"""DELETE FROM idempotency.keys WHERE key LIKE 'replay:%';
+             INSERT INTO idempotency.keys (scope, key, status, attempt, created_at, finished_at, expires_at, result)
+             SELECT '', 'replay:' || i, 'c', 1, now(), now(), now() + interval '1 year', '{{"charge_id": 991}}'
+               FROM generate_series(1, {n}) i;
+             TRUNCATE replay_results;
+             INSERT INTO replay_results SELECT 'replay:' || i, 'completed', '{{"charge_id": 991}}'
+               FROM generate_series(1, {n}) i;
+             VACUUM ANALYZE idempotency.keys, replay_results""")
+
+
+def sizes_per_million(n):
+    rel = psql("SELECT pg_relation_size('idempotency.keys'), pg_relation_size('idempotency.keys_pkey'), "
+               "pg_total_relation_size('idempotency.keys')")
+    heap, index, total = (int(x) for x in rel.split("|"))
+    per = 1_000_000 / max(n, 1) / 1024 / 1024
+    return heap * per, index * per, total * per
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=MODES, default="quick")
+    args = ap.parse_args()
+    mode = args.mode
+    cfg = MODES[mode]
+    psql_file(os.path.join(HERE, "setup.sql"))
+    print(f"# idempotency benchmarks ({mode} mode)\n")
+    print(psql("SELECT 'PostgreSQL ' || current_setting('server_version') || ', synchronous_commit=' || "
+               "current_setting('synchronous_commit') || ', shared_buffers=' || current_setting('shared_buffers')"))
+    missed = []
+
+    missed += compare(
+        "1. A job in transaction mode",
+        {"floor (SELECT 1)": "job_floor.sql", "idempotency": "job_ours.sql", "hand-written": "job_handwritten.sql"},
+        mode,
+        [("idempotency / floor", "idempotency", "floor (SELECT 1)", 0.85),
+         ("idempotency / hand-written", "idempotency", "hand-written", 1.2)],
+        before_each=reset_business,
+    )
+
+    load_replay_keys(100_000)
+    missed += compare(
+        "2. Replay of a completed key",
+        {"primary-key SELECT": "replay_select.sql", "idempotency": "replay_ours.sql"},
+        mode,
+        [("idempotency / primary-key SELECT", "idempotency", "primary-key SELECT", 0.9)],
+    )
+
+    print("\n### 3. idem_once and 4. idem_upsert\n\nNot measured yet: the functions are not built.")
+
+    # 5. Scale: workload 1 against a table already holding many keys.
+    reset_business()
+    empty = [pgbench("job_ours.sql", cfg["seconds"], cfg["clients"])[0]]
+    n = cfg["scale_keys"]
+    psql(f"""INSERT INTO idempotency.keys (scope, key, status, attempt, created_at, finished_at, expires_at, result)
+             SELECT '', 'old:' || i, 'c', 1, now(), now(), now() + interval '1 year', '{{"charge_id": 991}}'
+               FROM generate_series(1, {n}) i;
+             VACUUM ANALYZE idempotency.keys""")
+    heap, index, total = sizes_per_million(n + 100_000)
+    full = []
+    for _ in range(cfg["rounds"]):
+        psql("TRUNCATE bench_business")
+        full.append(pgbench("job_ours.sql", cfg["seconds"], cfg["clients"])[0])
+        psql("DELETE FROM idempotency.keys WHERE key LIKE 'job:%'")
+        psql("TRUNCATE bench_business")
+        empty.append(pgbench("job_ours.sql", cfg["seconds"], cfg["clients"])[0])
+        psql("DELETE FROM idempotency.keys WHERE key LIKE 'job:%'")
+    ratio = statistics.median(full) / statistics.median(empty)
+    print(f"\n### 5. Scale: {n:,} keys stored\n")
+    print(f"| table | tps |\n| --- | ---: |\n| nearly empty | {statistics.median(empty):,.0f} |\n"
+          f"| {n:,} keys | {statistics.median(full):,.0f} |\n")
+    print(f"- with keys / empty: **{ratio:.2f} x** (target 0.80 x) {'met' if ratio >= 0.8 else 'MISSED'}")
+    print(f"- per million keys: heap {heap:.0f} MiB, primary key index {index:.0f} MiB, total {total:.0f} MiB")
+    if ratio < 0.8:
+        missed.append("scale")
+    psql("DELETE FROM idempotency.keys WHERE key LIKE 'old:%'")
+
+    # 6. Contention: 32 clients on 100 hot keys (a new set every 100 ms).
+    psql("TRUNCATE bench_business; DELETE FROM idempotency.keys WHERE key LIKE 'hot:%'")
+    tps, p50, p99, count = pgbench("contention_ours.sql", cfg["seconds"], 32)
+    dup = psql("SELECT count(*) FROM (SELECT job_key FROM bench_business WHERE job_key LIKE 'hot:%' "
+               "GROUP BY job_key HAVING count(*) > 1) d")
+    started = psql("SELECT count(*) FROM bench_business WHERE job_key LIKE 'hot:%'")
+    keys = psql("SELECT count(*) FROM idempotency.keys WHERE key LIKE 'hot:%' AND status = 'c'")
+    print(f"\n### 6. Contention: 32 clients, 100 hot keys\n")
+    print(f"| tps | p50 ms | p99 ms | jobs | keys started | keys started twice |\n| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| {tps:,.0f} | {p50:.3f} | {p99:.3f} | {count:,} | {started} | {dup} |")
+    if dup != "0" or started != keys:
+        print("CHECK FAILED: a hot key was started twice, or a start has no completed key")
+        sys.exit(1)
+
+    print()
+    print("missed: " + ", ".join(missed) if missed else "every ratio met")
+
+
+if __name__ == "__main__":
+    main()

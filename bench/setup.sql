@@ -1,0 +1,45 @@
+-- Objects the benchmark workloads use, next to the extension.
+CREATE EXTENSION IF NOT EXISTS idempotency;
+
+-- The business row every job writes.
+DROP TABLE IF EXISTS bench_business;
+CREATE TABLE bench_business (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_key text NOT NULL,
+    amount int NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The hand-written alternative, as the well-known write-ups build it: a key
+-- table, INSERT ... ON CONFLICT DO NOTHING to claim, UPDATE to finish.
+DROP TABLE IF EXISTS hw_keys CASCADE;
+CREATE TABLE hw_keys (
+    key text PRIMARY KEY,
+    status text NOT NULL,
+    request_hash text,
+    result jsonb,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz
+);
+
+CREATE OR REPLACE FUNCTION hw_begin(p_key text, OUT status text, OUT result jsonb)
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO hw_keys (key, status) VALUES (p_key, 'started')
+    ON CONFLICT (key) DO NOTHING
+    RETURNING hw_keys.status INTO status;
+    IF NOT FOUND THEN
+        SELECT k.status, k.result INTO status, result FROM hw_keys k WHERE k.key = p_key;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION hw_finish(p_key text, p_result jsonb)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE hw_keys SET status = 'completed', result = p_result, finished_at = now()
+     WHERE key = p_key;
+END $$;
+
+-- Completed keys to replay, in both stores.
+DROP TABLE IF EXISTS replay_results;
+CREATE TABLE replay_results (key text PRIMARY KEY, status text NOT NULL, result jsonb);

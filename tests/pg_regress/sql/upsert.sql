@@ -1,0 +1,175 @@
+-- idem_upsert and idem_insert_once: retry-safe writes to your own tables.
+CREATE TYPE mood AS ENUM ('happy', 'sad');
+CREATE TABLE accounts (
+    id int PRIMARY KEY,
+    email text UNIQUE,
+    name text,
+    balance numeric(12, 2) DEFAULT 0,
+    active boolean DEFAULT true,
+    born date,
+    seen_at timestamptz,
+    token uuid,
+    tags text[],
+    scores int[],
+    prefs jsonb,
+    raw json,
+    mood mood,
+    big bigint,
+    updated_count int DEFAULT 0
+);
+SET TimeZone = 'UTC';
+
+SELECT idem_upsert('accounts', '{"id": 1, "email": "a@example.com", "name": "Ann"}');
+SELECT idem_upsert('accounts', '{"id": 1, "email": "a@example.com", "name": "Ann"}');
+SELECT idem_upsert('accounts', '{"id": 1, "name": "Anne"}');
+-- Columns missing from row keep their value on update, their default on insert.
+SELECT id, email, name, balance, active FROM accounts;
+
+-- Every column type round-trips from JSON.
+SELECT idem_upsert('accounts', '{"id": 2, "email": "b@example.com", "name": "Bob", "balance": 12.5,
+  "active": false, "born": "1990-02-03", "seen_at": "2024-05-06T07:08:09Z",
+  "token": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "tags": ["x", "y"], "scores": [1, 2, 3],
+  "prefs": {"theme": "dark", "n": [1, 2]}, "raw": {"kept": "as is"}, "mood": "happy", "big": 9007199254740993}');
+SELECT * FROM accounts WHERE id = 2;
+SELECT idem_upsert('accounts', '{"id": 2, "email": "b@example.com", "name": "Bob", "balance": 12.50,
+  "active": false, "born": "1990-02-03", "seen_at": "2024-05-06T07:08:09Z",
+  "token": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "tags": ["x", "y"], "scores": [1, 2, 3],
+  "prefs": {"n": [1, 2], "theme": "dark"}, "raw": {"kept": "as is"}, "mood": "happy", "big": 9007199254740993}');
+-- NULL is a value like any other.
+SELECT idem_upsert('accounts', '{"id": 2, "name": null}');
+SELECT idem_upsert('accounts', '{"id": 2, "name": null}');
+SELECT name IS NULL AS name_is_null FROM accounts WHERE id = 2;
+
+-- unchanged writes nothing: the row keeps its version (xmin) and is not locked.
+CREATE TEMP TABLE before AS SELECT xmin::text AS x, ctid AS place FROM accounts WHERE id = 1;
+SELECT idem_upsert('accounts', '{"id": 1, "name": "Anne"}');
+SELECT a.xmin::text = b.x AS same_version, a.ctid = b.place AS same_place
+  FROM accounts a, before b WHERE a.id = 1;
+-- A transaction that only did an unchanged upsert has no transaction id:
+-- it wrote no row version and took no row lock (both would need one).
+BEGIN;
+SELECT idem_upsert('accounts', '{"id": 1, "name": "Anne"}');
+SELECT txid_current_if_assigned() IS NULL AS nothing_written;
+SELECT idem_upsert('accounts', '{"id": 1, "name": "Anne!"}');
+SELECT txid_current_if_assigned() IS NULL AS nothing_written;
+ROLLBACK;
+
+-- Another unique index as the conflict target.
+SELECT idem_upsert('accounts', '{"id": 1, "email": "a@example.com", "name": "Ann E."}', conflict_columns => '{email}');
+SELECT idem_upsert('accounts', '{"id": 3, "email": "c@example.com"}', ARRAY['email']);
+SELECT id, email, name FROM accounts ORDER BY id;
+
+-- idem_insert_once never changes an existing row.
+SELECT idem_insert_once('accounts', '{"id": 4, "name": "Dee"}');
+SELECT idem_insert_once('accounts', '{"id": 4, "name": "Changed"}');
+SELECT idem_insert_once('accounts', '{"id": 5, "email": "a@example.com"}', '{email}');
+SELECT id, name FROM accounts WHERE id IN (4, 5) ORDER BY id;
+
+-- Names that need quoting: spaces, quotes, mixed case, another schema.
+CREATE SCHEMA "Billing Dept";
+CREATE TABLE "Billing Dept"."Invoice ""Lines""" ("Line No" int PRIMARY KEY, "Amount €" numeric, "it's" text);
+SELECT idem_upsert('"Billing Dept"."Invoice ""Lines"""', '{"Line No": 1, "Amount €": 9.5, "it''s": "quoted"}');
+SELECT idem_upsert('"Billing Dept"."Invoice ""Lines"""', '{"Line No": 1, "Amount €": 10}');
+SELECT * FROM "Billing Dept"."Invoice ""Lines""";
+
+-- Injection attempts are data or clean errors, never SQL.
+SELECT idem_upsert('accounts', '{"id": 6, "name": "x''); DROP TABLE accounts; --"}');
+SELECT name FROM accounts WHERE id = 6;
+SELECT idem_upsert('accounts', '{"id": 7, "name = ''pwned'' --": "x"}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('accounts', '{"id\" = 1; DROP TABLE accounts; --": 1}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT count(*) AS accounts_still_there FROM accounts;
+
+-- Generated and identity columns.
+CREATE TABLE items (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    sku text UNIQUE NOT NULL,
+    price numeric,
+    price_with_tax numeric GENERATED ALWAYS AS (price * 1.2) STORED
+);
+SELECT idem_upsert('items', '{"sku": "A-1", "price": 10}', '{sku}');
+SELECT idem_upsert('items', '{"sku": "A-1", "price": 12}', '{sku}');
+SELECT idem_upsert('items', '{"id": 100, "sku": "B-2", "price": 1}');
+SELECT idem_upsert('items', '{"id": 100, "sku": "B-2", "price": 1}');
+SELECT id, sku, price, price_with_tax FROM items ORDER BY id;
+SELECT idem_upsert('items', '{"sku": "C-3", "price_with_tax": 5}', '{sku}');
+\echo :LAST_ERROR_SQLSTATE
+
+-- A table without a primary key needs conflict_columns.
+CREATE TABLE events (source text, event_id text, payload jsonb, UNIQUE (source, event_id));
+SELECT idem_insert_once('events', '{"source": "s", "event_id": "e1", "payload": {}}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_insert_once('events', '{"source": "s", "event_id": "e1", "payload": {}}', '{event_id, source}');
+SELECT idem_insert_once('events', '{"source": "s", "event_id": "e1", "payload": {"v": 2}}', '{source, event_id}');
+SELECT idem_upsert('events', '{"source": "s", "event_id": "e1", "payload": {"v": 2}}', '{source, event_id}');
+SELECT payload FROM events;
+
+-- Plans follow the table: ALTER TABLE and DROP/CREATE are picked up.
+SELECT idem_upsert('events', '{"source": "s", "event_id": "e2", "payload": {}}', '{source, event_id}');
+ALTER TABLE events ADD COLUMN received_at date;
+SELECT idem_upsert('events', '{"source": "s", "event_id": "e2", "received_at": "2024-01-01"}', '{source, event_id}');
+ALTER TABLE events DROP COLUMN payload;
+SELECT idem_upsert('events', '{"source": "s", "event_id": "e2", "received_at": "2024-01-02"}', '{source, event_id}');
+SELECT idem_upsert('events', '{"source": "s", "event_id": "e2", "payload": {}}', '{source, event_id}');
+\echo :LAST_ERROR_SQLSTATE
+DROP TABLE events;
+CREATE TABLE events (source text, event_id text, n int, PRIMARY KEY (source, event_id));
+SELECT idem_upsert('events', '{"source": "s", "event_id": "e2", "n": 1}', '{source, event_id}');
+SELECT * FROM events;
+
+-- Errors, each with its SQLSTATE.
+CREATE VIEW accounts_view AS SELECT * FROM accounts;
+SELECT idem_upsert('accounts_view', '{"id": 1}');
+\echo :LAST_ERROR_SQLSTATE
+CREATE SEQUENCE a_sequence;
+SELECT idem_insert_once('a_sequence', '{"id": 1}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('accounts', '{"id": 1, "nope": 2}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('accounts', '{"id": 1}', '{nope}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('accounts', '{"id": 1, "name": "x"}', '{name}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('accounts', '{"id": 1}', '{}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('accounts', '[1, 2]');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('accounts', '"a string"');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('accounts', '{}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('accounts', '{"id": "not a number"}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('accounts', '{"id": 1, "born": "yesterday-ish"}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('accounts', '{"id": 1, "mood": "angry"}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('accounts', '{"id": 99999999999}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('accounts', NULL);
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('no_such_table', '{"id": 1}');
+\echo :LAST_ERROR_SQLSTATE
+
+-- The caller's privileges apply: GRANTs and row-level security.
+CREATE ROLE upsert_user;
+GRANT SELECT, INSERT ON accounts TO upsert_user;
+SET ROLE upsert_user;
+SELECT idem_insert_once('accounts', '{"id": 10, "name": "allowed"}');
+SELECT idem_upsert('accounts', '{"id": 10, "name": "needs UPDATE"}');
+\echo :LAST_ERROR_SQLSTATE
+RESET ROLE;
+CREATE TABLE notes (id int PRIMARY KEY, owner text, body text);
+ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_notes ON notes USING (owner = current_user) WITH CHECK (owner = current_user);
+GRANT SELECT, INSERT, UPDATE ON notes TO upsert_user;
+SET ROLE upsert_user;
+SELECT idem_upsert('notes', '{"id": 1, "owner": "upsert_user", "body": "mine"}');
+SELECT idem_upsert('notes', '{"id": 2, "owner": "someone_else", "body": "theirs"}');
+\echo :LAST_ERROR_SQLSTATE
+RESET ROLE;
+SELECT * FROM notes;
+DROP TABLE notes;
+REVOKE ALL ON accounts FROM upsert_user;
+DROP ROLE upsert_user;
