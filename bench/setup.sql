@@ -43,3 +43,12 @@ END $$;
 -- Completed keys to replay, in both stores.
 DROP TABLE IF EXISTS replay_results;
 CREATE TABLE replay_results (key text PRIMARY KEY, status text NOT NULL, result jsonb);
+
+-- The hand-written deduplication ledger.
+DROP TABLE IF EXISTS hw_once;
+CREATE TABLE hw_once (key text PRIMARY KEY, recorded_at timestamptz NOT NULL DEFAULT now());
+
+-- The table both upsert variants write.
+DROP TABLE IF EXISTS bench_accounts;
+CREATE TABLE bench_accounts (id int PRIMARY KEY, name text, balance int);
+INSERT INTO bench_accounts SELECT i, 'n' || i, i FROM generate_series(1, 100000) i;

@@ -1,0 +1,2 @@
+\set n random(1, 9000000000000000000)
+INSERT INTO hw_once (key) VALUES ('evt:' || :n) ON CONFLICT DO NOTHING RETURNING true;
