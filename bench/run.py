@@ -27,10 +27,14 @@ MODES = {
 }
 
 
-def psql(sql, quiet=True):
-    out = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-c", sql],
-                         check=True, capture_output=True, text=True).stdout
-    return out.strip()
+def psql(sql):
+    """Runs statements one by one (VACUUM cannot run in a transaction block);
+    returns the output of the last one that prints."""
+    p = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-f", "-"],
+                       input=sql, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"psql failed: {p.stderr}\n{sql}")
+    return p.stdout.strip()
 
 
 def psql_file(path):
@@ -96,7 +100,8 @@ def compare(title, variants, mode, ratios, before_each=None):
 
 
 def reset_business():
-    psql("TRUNCATE bench_business; TRUNCATE hw_keys; DELETE FROM idempotency.keys WHERE key LIKE 'job:%'; "
+    psql("TRUNCATE bench_business; DELETE FROM hw_keys WHERE key LIKE 'job:%'; "
+         "DELETE FROM idempotency.keys WHERE key LIKE 'job:%'; "
          "VACUUM ANALYZE bench_business, hw_keys, idempotency.keys")
 
 

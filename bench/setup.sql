@@ -52,3 +52,13 @@ CREATE TABLE hw_once (key text PRIMARY KEY, recorded_at timestamptz NOT NULL DEF
 DROP TABLE IF EXISTS bench_accounts;
 CREATE TABLE bench_accounts (id int PRIMARY KEY, name text, balance int);
 INSERT INTO bench_accounts SELECT i, 'n' || i, i FROM generate_series(1, 100000) i;
+
+-- Both key stores start with 100 000 finished keys and fresh statistics, as
+-- a live system has: plans are then what production would use.
+INSERT INTO hw_keys (key, status, result, finished_at)
+SELECT 'base:' || i, 'completed', '{"charge_id": 1}', now() FROM generate_series(1, 100000) i;
+DELETE FROM idempotency.keys WHERE key LIKE 'base:%';
+INSERT INTO idempotency.keys (scope, key, status, attempt, created_at, finished_at, expires_at, result)
+SELECT '', 'base:' || i, 'c', 1, now(), now(), now() + interval '1 year', '{"charge_id": 1}'
+  FROM generate_series(1, 100000) i;
+VACUUM ANALYZE hw_keys, idempotency.keys, bench_accounts;

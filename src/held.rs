@@ -27,6 +27,8 @@ pub struct Held {
     pub fingerprint: Option<[u8; 32]>,
     pub recovery_point: Option<String>,
     pub finished: bool,
+    /// The claim row's current version, which this transaction wrote.
+    pub tid: pg_sys::ItemPointerData,
 }
 
 #[derive(Default)]

@@ -1,7 +1,7 @@
 \set n random(1, 100)
-SELECT 'hot:' || (extract(epoch FROM clock_timestamp()) * 10)::bigint || ':' || :n AS k \gset
+SELECT (extract(epoch FROM clock_timestamp()) * 10)::bigint AS bucket \gset
 BEGIN;
-SELECT status FROM idem_begin(:'k') \gset
-INSERT INTO bench_business (job_key, amount) SELECT :'k', 1 WHERE :'status' = 'started';
-SELECT idem_finish(:'k', '"done"') WHERE :'status' = 'started';
+SELECT (status = 'started')::int AS started FROM idem_begin('hot:' || :bucket || ':' || :n) \gset
+INSERT INTO bench_business (job_key, amount) SELECT 'hot:' || :bucket || ':' || :n, 1 WHERE :started = 1;
+SELECT idem_finish('hot:' || :bucket || ':' || :n, '"done"') WHERE :started = 1;
 COMMIT;

@@ -116,16 +116,45 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
     // another transaction than the claim's), so a wait on a lease re-reads
     // the key, every 1 ms at first and every 50 ms at most.
     let mut lease_poll: i64 = 1_000;
+    // The first look is taken without the key lock: a finished key (the
+    // common case of a duplicate delivery) is answered from it alone. Only
+    // when the key may have to be claimed is it looked at again under the
+    // lock, since only then can another caller's claim race ours.
+    let mut locked: Option<KeyLock> = None;
     loop {
-        let lock = KeyLock::acquire(scope, key);
         let now = clock();
-        match probe(scope, key) {
+        let seen = probe(scope, key);
+        if let Seen::Found(row) = &seen {
+            let expired = row.expires_at.is_some_and(|e| e <= now);
+            if !expired && (row.status == COMPLETED || row.status == FAILED) {
+                if let Some(lock) = locked.take() {
+                    lock.release();
+                }
+                let Seen::Found(row) = seen else { unreachable!() };
+                if differs(row.fingerprint.as_ref(), fingerprint.as_ref()) {
+                    return Answer::Mismatch;
+                }
+                return replay(row);
+            }
+        }
+        let Some(lock) = locked.take() else {
+            if !matches!(seen, Seen::Busy { .. }) {
+                locked = Some(KeyLock::acquire(scope, key));
+                continue;
+            }
+            // Busy needs no lock either: handled below.
+            match answer_busy(seen, fingerprint.as_ref(), now, deadline) {
+                Some(answer) => return answer,
+                None => continue,
+            }
+        };
+        match seen {
             Seen::Absent => {
                 let claim = new_claim(1, fingerprint.as_ref(), None, Some(transaction_start()), lease, now);
-                let inserted = statements::insert_claim(scope, key, &claim);
+                let written = statements::insert_claim(scope, key, &claim);
                 lock.release();
-                if inserted {
-                    return started(scope, key, claim, fingerprint);
+                if let Some(tid) = written {
+                    return started(scope, key, claim, fingerprint, tid);
                 }
                 // Only a row our snapshot cannot see gets here.
                 if snapshot_is_transaction_wide() {
@@ -137,15 +166,11 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                 lock.release();
                 unsafe { pg_sys::XactLockTableWait(xid, std::ptr::null_mut(), std::ptr::null_mut(), pg_sys::XLTW_Oper::XLTW_None) };
             }
-            Seen::Busy { xid, row } => {
+            busy @ Seen::Busy { .. } => {
                 lock.release();
-                if differs(row.fingerprint.as_ref(), fingerprint.as_ref()) {
-                    return Answer::Mismatch;
+                if let Some(answer) = answer_busy(busy, fingerprint.as_ref(), now, deadline) {
+                    return answer;
                 }
-                if now >= deadline {
-                    return Answer::InProgress { attempt: row.attempt };
-                }
-                wait_for_transaction(xid, deadline);
             }
             Seen::Found(row) => {
                 let expired = row.expires_at.is_some_and(|e| e <= now);
@@ -158,10 +183,6 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                     _ if expired => {
                         // Past its expiry a key is unknown: start afresh.
                         new_claim(1, fingerprint.as_ref(), None, Some(transaction_start()), lease, now)
-                    }
-                    COMPLETED | FAILED => {
-                        lock.release();
-                        return replay(row);
                     }
                     IN_PROGRESS if row.own => {
                         lock.release();
@@ -187,12 +208,17 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                         lease,
                         now,
                     ),
+                    // Finished between the first look and this one.
+                    COMPLETED | FAILED => {
+                        lock.release();
+                        return replay(row);
+                    }
                     other => pgrx::error!("idempotency.keys holds an unknown status {:?}", other as char),
                 };
-                let updated = statements::update_claim(scope, key, &claim);
+                let written = statements::update_claim(&row.tid, scope, key, &claim);
                 lock.release();
-                if updated {
-                    return started(scope, key, claim, fingerprint);
+                if let Some(tid) = written {
+                    return started(scope, key, claim, fingerprint, tid);
                 }
                 if snapshot_is_transaction_wide() {
                     serialization_failure(key, scope);
@@ -200,6 +226,20 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
             }
         }
     }
+}
+
+/// Another open transaction holds the key: answer, or wait for it and
+/// return None to look again.
+fn answer_busy(seen: Seen, fingerprint: Option<&[u8; 32]>, now: pg_sys::TimestampTz, deadline: pg_sys::TimestampTz) -> Option<Answer> {
+    let Seen::Busy { xid, row } = seen else { unreachable!("called for Busy only") };
+    if differs(row.fingerprint.as_ref(), fingerprint) {
+        return Some(Answer::Mismatch);
+    }
+    if now >= deadline {
+        return Some(Answer::InProgress { attempt: row.attempt });
+    }
+    wait_for_transaction(xid, deadline);
+    None
 }
 
 fn new_claim<'a>(
@@ -217,7 +257,7 @@ fn new_claim<'a>(
     Claim { attempt, fingerprint, recovery_point, created_at, locked_until, token, lease }
 }
 
-fn started(scope: &str, key: &str, claim: Claim, fingerprint: Option<[u8; 32]>) -> Answer {
+fn started(scope: &str, key: &str, claim: Claim, fingerprint: Option<[u8; 32]>, tid: statements::Tid) -> Answer {
     let recovery_point = claim.recovery_point.map(str::to_string);
     if claim.token.is_none() {
         held::set(
@@ -228,6 +268,7 @@ fn started(scope: &str, key: &str, claim: Claim, fingerprint: Option<[u8; 32]>) 
                 fingerprint: claim.fingerprint.copied().or(fingerprint),
                 recovery_point: recovery_point.clone(),
                 finished: false,
+                tid,
             },
         );
     }

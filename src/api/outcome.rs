@@ -8,7 +8,7 @@ use crate::held::{self, Held};
 use crate::settings;
 use crate::store::lock::KeyLock;
 use crate::store::probe::{probe, Seen};
-use crate::store::statements;
+use crate::store::statements::{self, Tid};
 use crate::store::{COMPLETED, FAILED, IN_PROGRESS, RELEASED};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -38,19 +38,23 @@ enum Holder {
     Lease,
 }
 
-/// Checks that the caller holds the key, and returns the key lock when the
-/// holder is a lease (so no takeover can slip in before the write).
-fn holder(key: &str, scope: &str, token: Option<i64>) -> (Holder, Option<KeyLock>) {
+/// Checks that the caller holds the key; returns where the claim row is,
+/// and the key lock when the holder is a lease (so that no takeover can slip
+/// in before the write).
+fn holder(key: &str, scope: &str, token: Option<i64>) -> (Holder, Tid, Option<KeyLock>) {
     match token {
         None => match held::get(scope, key) {
-            Some(h) if !h.finished => (Holder::Transaction(h), None),
+            Some(h) if !h.finished => {
+                let tid = h.tid;
+                (Holder::Transaction(h), tid, None)
+            }
             _ => not_held(key, scope),
         },
         Some(token) => {
             let lock = KeyLock::acquire(scope, key);
             match probe(scope, key) {
                 Seen::Found(row) if row.status == IN_PROGRESS && row.token == Some(token) => {
-                    (Holder::Lease, Some(lock))
+                    (Holder::Lease, row.tid, Some(lock))
                 }
                 Seen::Absent | Seen::Deleting { .. } => {
                     lock.release();
@@ -90,15 +94,15 @@ fn record_outcome(
     ttl: Option<pg_sys::Interval>,
 ) {
     let (now, expires) = ttl_expiry(key, scope, ttl);
-    let (who, lock) = holder(key, scope, token);
-    if !statements::update_outcome(scope, key, status, result, now, expires) {
-        not_held(key, scope);
-    }
+    let (who, at, lock) = holder(key, scope, token);
+    let Some(tid) = statements::update_outcome(&at, scope, key, status, result, now, expires) else {
+        not_held(key, scope)
+    };
     if let Some(lock) = lock {
         lock.release();
     }
     if let Holder::Transaction(h) = who {
-        held::set(scope, key, Held { finished: true, ..h });
+        held::set(scope, key, Held { finished: true, tid, ..h });
     }
 }
 
@@ -138,16 +142,16 @@ pub unsafe extern "C-unwind" fn idem_checkpoint(fcinfo: pg_sys::FunctionCallInfo
     let (key, scope) = key_and_scope(&args, 0, 2);
     let recovery_point = args.text(1);
     let token = args.i64(3);
-    let (who, lock) = holder(&key, &scope, token);
+    let (who, at, lock) = holder(&key, &scope, token);
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    if !statements::update_checkpoint(&scope, &key, recovery_point.as_deref(), now) {
-        not_held(&key, &scope);
-    }
+    let Some(tid) = statements::update_checkpoint(&at, &scope, &key, recovery_point.as_deref(), now) else {
+        not_held(&key, &scope)
+    };
     if let Some(lock) = lock {
         lock.release();
     }
     if let Holder::Transaction(h) = who {
-        held::set(&scope, &key, Held { recovery_point, ..h });
+        held::set(&scope, &key, Held { recovery_point, tid, ..h });
     }
     pg_sys::Datum::from(0usize)
 }

@@ -23,6 +23,8 @@ pub struct Row {
     pub locked_until: Option<pg_sys::TimestampTz>,
     /// Written by this transaction (or one of its subtransactions).
     pub own: bool,
+    /// Where the row version is, for an update that follows.
+    pub tid: pg_sys::ItemPointerData,
 }
 
 #[derive(Debug)]
@@ -138,6 +140,7 @@ unsafe fn read_row(slot: *mut pg_sys::TupleTableSlot, att: &Attnums, own: bool, 
             expires_at: get(att.expires_at).map(|d| d.value() as i64),
             locked_until: get(att.locked_until).map(|d| d.value() as i64),
             own,
+            tid: (*slot).tts_tid,
         }
     }
 }

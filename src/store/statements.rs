@@ -1,7 +1,14 @@
-//! The statements that write `idempotency.keys`, prepared once per backend
-//! and kept (`SPI_keepplan`); Postgres' plan cache re-plans them by itself
-//! when the table changes. Operators are schema-qualified so that a caller's
-//! `search_path` cannot change what they mean inside SECURITY DEFINER code.
+//! The statements that write `idempotency.keys` and `idempotency.once`,
+//! prepared once per backend and kept (`SPI_keepplan`); Postgres' plan cache
+//! re-plans them by itself when a table changes. Operators are
+//! schema-qualified so that a caller's `search_path` cannot change what they
+//! mean inside SECURITY DEFINER code.
+//!
+//! Updates address the row by its TID (`ctid = $n`), which the probe or the
+//! previous write returned: a TID scan has no plan to get wrong, whatever the
+//! table's statistics say, and costs no index descent. The scope and key are
+//! checked again on the row, and a row changed since (only a purge can) is
+//! simply not found, which the callers treat as "look again".
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::RefCell;
@@ -15,31 +22,33 @@ const TSTZ: pg_sys::Oid = pg_sys::TIMESTAMPTZOID;
 const JSONB: pg_sys::Oid = pg_sys::JSONBOID;
 const CHAR: pg_sys::Oid = pg_sys::CHAROID;
 const INTERVAL: pg_sys::Oid = pg_sys::INTERVALOID;
+const TID: pg_sys::Oid = pg_sys::TIDOID;
+
+/// The row a statement updates: its TID, then scope and key to be sure.
+const THIS_ROW: &str = "WHERE ctid OPERATOR(pg_catalog.=) $1 \
+     AND scope OPERATOR(pg_catalog.=) $2 AND key OPERATOR(pg_catalog.=) $3 RETURNING ctid";
 
 /// A new claim: the first `idem_begin` of a key.
 const INSERT_CLAIM: &str = "INSERT INTO idempotency.keys \
      (scope, key, status, attempt, fingerprint, recovery_point, created_at, locked_until, token, lease) \
-     VALUES ($1, $2, 'p', $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING";
-const INSERT_CLAIM_TYPES: &[pg_sys::Oid] = &[TEXT, TEXT, INT4, BYTEA, TEXT, TSTZ, TSTZ, INT8, INTERVAL];
-
+     VALUES ($2, $3, 'p', $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING RETURNING ctid";
 /// A claim of a key that has a row: released, expired or taken over.
-const UPDATE_CLAIM: &str = "UPDATE idempotency.keys SET status = 'p', attempt = $3, \
-     fingerprint = $4, recovery_point = $5, created_at = COALESCE($6, created_at), \
-     locked_until = $7, token = $8, lease = $9, result = NULL, finished_at = NULL, expires_at = NULL \
-     WHERE scope OPERATOR(pg_catalog.=) $1 AND key OPERATOR(pg_catalog.=) $2";
-const UPDATE_CLAIM_TYPES: &[pg_sys::Oid] = &[TEXT, TEXT, INT4, BYTEA, TEXT, TSTZ, TSTZ, INT8, INTERVAL];
+const UPDATE_CLAIM: &str = "UPDATE idempotency.keys SET status = 'p', attempt = $4, \
+     fingerprint = $5, recovery_point = $6, created_at = COALESCE($7, created_at), \
+     locked_until = $8, token = $9, lease = $10, result = NULL, finished_at = NULL, expires_at = NULL";
+/// $1 is a TID for UPDATE_CLAIM and unused (NULL) for INSERT_CLAIM, so both
+/// take the same parameters.
+const CLAIM_TYPES: &[pg_sys::Oid] = &[TID, TEXT, TEXT, INT4, BYTEA, TEXT, TSTZ, TSTZ, INT8, INTERVAL];
 
 /// The outcome: completed, failed, or released for a retry.
-const UPDATE_OUTCOME: &str = "UPDATE idempotency.keys SET status = $3, result = $4, \
-     finished_at = $5, expires_at = $6, locked_until = NULL \
-     WHERE scope OPERATOR(pg_catalog.=) $1 AND key OPERATOR(pg_catalog.=) $2";
-const UPDATE_OUTCOME_TYPES: &[pg_sys::Oid] = &[TEXT, TEXT, CHAR, JSONB, TSTZ, TSTZ];
+const UPDATE_OUTCOME: &str = "UPDATE idempotency.keys SET status = $4, result = $5, \
+     finished_at = $6, expires_at = $7, locked_until = NULL";
+const UPDATE_OUTCOME_TYPES: &[pg_sys::Oid] = &[TID, TEXT, TEXT, CHAR, JSONB, TSTZ, TSTZ];
 
 /// A recovery point; a lease is renewed for as long as it was taken.
-const UPDATE_CHECKPOINT: &str = "UPDATE idempotency.keys SET recovery_point = $3, \
-     locked_until = $4 OPERATOR(pg_catalog.+) lease \
-     WHERE scope OPERATOR(pg_catalog.=) $1 AND key OPERATOR(pg_catalog.=) $2";
-const UPDATE_CHECKPOINT_TYPES: &[pg_sys::Oid] = &[TEXT, TEXT, TEXT, TSTZ];
+const UPDATE_CHECKPOINT: &str = "UPDATE idempotency.keys SET recovery_point = $4, \
+     locked_until = $5 OPERATOR(pg_catalog.+) lease";
+const UPDATE_CHECKPOINT_TYPES: &[pg_sys::Oid] = &[TID, TEXT, TEXT, TEXT, TSTZ];
 
 /// Fencing tokens come from one sequence, so a key's next holder always
 /// gets a larger token than any earlier one, even after the key was purged.
@@ -62,50 +71,60 @@ enum Stmt {
     InsertOnce = 5,
 }
 
-const ALL: &[(Stmt, &str, &[pg_sys::Oid])] = &[
-    (Stmt::InsertClaim, INSERT_CLAIM, INSERT_CLAIM_TYPES),
-    (Stmt::UpdateClaim, UPDATE_CLAIM, UPDATE_CLAIM_TYPES),
-    (Stmt::UpdateOutcome, UPDATE_OUTCOME, UPDATE_OUTCOME_TYPES),
-    (Stmt::UpdateCheckpoint, UPDATE_CHECKPOINT, UPDATE_CHECKPOINT_TYPES),
-    (Stmt::NextToken, NEXT_TOKEN, &[]),
-    (Stmt::InsertOnce, INSERT_ONCE, INSERT_ONCE_TYPES),
-];
+fn sql_of(stmt: Stmt) -> (String, &'static [pg_sys::Oid]) {
+    match stmt {
+        Stmt::InsertClaim => (INSERT_CLAIM.to_string(), CLAIM_TYPES),
+        Stmt::UpdateClaim => (format!("{UPDATE_CLAIM} {THIS_ROW}"), CLAIM_TYPES),
+        Stmt::UpdateOutcome => (format!("{UPDATE_OUTCOME} {THIS_ROW}"), UPDATE_OUTCOME_TYPES),
+        Stmt::UpdateCheckpoint => (format!("{UPDATE_CHECKPOINT} {THIS_ROW}"), UPDATE_CHECKPOINT_TYPES),
+        Stmt::NextToken => (NEXT_TOKEN.to_string(), &[]),
+        Stmt::InsertOnce => (INSERT_ONCE.to_string(), INSERT_ONCE_TYPES),
+    }
+}
+
+const COUNT: usize = 6;
 
 thread_local! {
-    static PLANS: RefCell<Vec<pg_sys::SPIPlanPtr>> = const { RefCell::new(Vec::new()) };
+    static PLANS: RefCell<[Option<pg_sys::SPIPlanPtr>; COUNT]> = const { RefCell::new([None; COUNT]) };
 }
 
 /// A parameter value: a datum, or NULL.
 pub type Param = Option<pg_sys::Datum>;
 
+/// A row's address in `idempotency.keys`.
+pub type Tid = pg_sys::ItemPointerData;
+
 fn plan(stmt: Stmt) -> pg_sys::SPIPlanPtr {
     PLANS.with(|p| {
         let mut plans = p.borrow_mut();
-        if plans.is_empty() {
-            for (_, sql, types) in ALL {
-                let sql = CString::new(*sql).expect("no NUL in SQL");
-                unsafe {
-                    let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_ptr() as *mut _);
-                    if plan.is_null() {
-                        let code = pg_sys::SPI_result;
-                        pgrx::error!("could not prepare an idempotency statement: SPI code {code}");
-                    }
-                    pg_sys::SPI_keepplan(plan);
-                    plans.push(plan);
-                }
-            }
+        if let Some(plan) = plans[stmt as usize] {
+            return plan;
         }
-        plans[stmt as usize]
+        let (sql, types) = sql_of(stmt);
+        let sql = CString::new(sql).expect("no NUL in SQL");
+        let plan = unsafe {
+            let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_ptr() as *mut _);
+            if plan.is_null() {
+                let code = pg_sys::SPI_result;
+                pgrx::error!("could not prepare an idempotency statement: SPI code {code}");
+            }
+            pg_sys::SPI_keepplan(plan);
+            plan
+        };
+        plans[stmt as usize] = Some(plan);
+        plan
     })
 }
 
-/// Runs one statement inside its own SPI connection; returns the rows it
-/// changed, and the first column of its first row when it returns rows.
-fn execute(stmt: Stmt, params: &[Param]) -> u64 {
-    execute_returning(stmt, params).0
+/// What a statement returned: rows changed, and the first column of the
+/// first row (a TID or a bigint), copied out of SPI's memory.
+enum First {
+    None,
+    Tid(Tid),
+    Int8(i64),
 }
 
-fn execute_returning(stmt: Stmt, params: &[Param]) -> (u64, Option<pg_sys::Datum>) {
+fn execute(stmt: Stmt, params: &[Param]) -> (u64, First) {
     unsafe {
         pg_sys::SPI_connect();
         let plan = plan(stmt);
@@ -118,13 +137,17 @@ fn execute_returning(stmt: Stmt, params: &[Param]) -> (u64, Option<pg_sys::Datum
             pgrx::error!("idempotency statement failed: SPI code {rc}");
         }
         let n = pg_sys::SPI_processed;
-        let mut first = None;
         let table = pg_sys::SPI_tuptable;
+        let mut first = First::None;
         if n > 0 && !table.is_null() {
             let mut isnull = false;
             let d = pg_sys::SPI_getbinval(*(*table).vals, (*table).tupdesc, 1, &mut isnull);
-            // Only by-value results (bigint) are read this way.
-            first = (!isnull).then_some(d);
+            if !isnull {
+                first = match pg_sys::SPI_gettypeid((*table).tupdesc, 1) {
+                    pg_sys::TIDOID => First::Tid(*d.cast_mut_ptr::<Tid>()),
+                    _ => First::Int8(d.value() as i64),
+                };
+            }
         }
         pg_sys::SPI_finish();
         (n, first)
@@ -147,6 +170,18 @@ fn int8(v: Option<i64>) -> Param {
     v.map(pg_sys::Datum::from)
 }
 
+fn tid(t: &Tid) -> Param {
+    Some(pg_sys::Datum::from(t as *const Tid))
+}
+
+/// The new row version's TID when the statement wrote one.
+fn written(result: (u64, First)) -> Option<Tid> {
+    match result {
+        (1, First::Tid(t)) => Some(t),
+        _ => None,
+    }
+}
+
 pub struct Claim<'a> {
     pub attempt: i32,
     pub fingerprint: Option<&'a [u8; 32]>,
@@ -159,8 +194,9 @@ pub struct Claim<'a> {
 }
 
 impl Claim<'_> {
-    fn params(&self, scope: &str, key: &str) -> Vec<Param> {
+    fn params(&self, row: Param, scope: &str, key: &str) -> Vec<Param> {
         vec![
+            row,
             text(scope),
             text(key),
             Some(pg_sys::Datum::from(self.attempt)),
@@ -174,27 +210,29 @@ impl Claim<'_> {
     }
 }
 
-/// Inserts a claim row; false when a row for the key exists after all.
-pub fn insert_claim(scope: &str, key: &str, claim: &Claim) -> bool {
-    execute(Stmt::InsertClaim, &claim.params(scope, key)) == 1
+/// Inserts a claim row; None when a row for the key exists after all.
+pub fn insert_claim(scope: &str, key: &str, claim: &Claim) -> Option<Tid> {
+    written(execute(Stmt::InsertClaim, &claim.params(None, scope, key)))
 }
 
-/// Turns an existing row into a claim; false when the row is gone or not
-/// visible to this transaction's snapshot.
-pub fn update_claim(scope: &str, key: &str, claim: &Claim) -> bool {
-    execute(Stmt::UpdateClaim, &claim.params(scope, key)) == 1
+/// Turns the row at `at` into a claim; None when the row is gone, changed,
+/// or not visible to this transaction's snapshot.
+pub fn update_claim(at: &Tid, scope: &str, key: &str, claim: &Claim) -> Option<Tid> {
+    written(execute(Stmt::UpdateClaim, &claim.params(tid(at), scope, key)))
 }
 
-/// Stores the outcome of a claim held by this transaction.
+/// Stores the outcome of a claim held by the caller.
 pub fn update_outcome(
+    at: &Tid,
     scope: &str,
     key: &str,
     status: u8,
     result: Option<pg_sys::Datum>,
     finished_at: pg_sys::TimestampTz,
     expires_at: pg_sys::TimestampTz,
-) -> bool {
+) -> Option<Tid> {
     let params = [
+        tid(at),
         text(scope),
         text(key),
         Some(pg_sys::Datum::from(status as i8)),
@@ -202,23 +240,30 @@ pub fn update_outcome(
         int8(Some(finished_at)),
         int8(Some(expires_at)),
     ];
-    execute(Stmt::UpdateOutcome, &params) == 1
+    written(execute(Stmt::UpdateOutcome, &params))
 }
 
 /// Records a recovery point and renews a lease.
-pub fn update_checkpoint(scope: &str, key: &str, recovery_point: Option<&str>, now: pg_sys::TimestampTz) -> bool {
-    execute(Stmt::UpdateCheckpoint, &[text(scope), text(key), opt_text(recovery_point), int8(Some(now))]) == 1
+pub fn update_checkpoint(
+    at: &Tid,
+    scope: &str,
+    key: &str,
+    recovery_point: Option<&str>,
+    now: pg_sys::TimestampTz,
+) -> Option<Tid> {
+    let params = [tid(at), text(scope), text(key), opt_text(recovery_point), int8(Some(now))];
+    written(execute(Stmt::UpdateCheckpoint, &params))
 }
 
 /// The next fencing token.
 pub fn next_token() -> i64 {
-    match execute_returning(Stmt::NextToken, &[]) {
-        (1, Some(d)) => d.value() as i64,
+    match execute(Stmt::NextToken, &[]) {
+        (1, First::Int8(t)) => t,
         _ => pgrx::error!("idempotency.tokens returned no value"),
     }
 }
 
 /// Records a key in the ledger; false when it was recorded before.
 pub fn insert_once(scope: &str, key: &str, now: pg_sys::TimestampTz) -> bool {
-    execute(Stmt::InsertOnce, &[text(scope), text(key), int8(Some(now))]) == 1
+    execute(Stmt::InsertOnce, &[text(scope), text(key), int8(Some(now))]).0 == 1
 }
