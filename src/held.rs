@@ -27,14 +27,23 @@ pub struct Held {
     pub fingerprint: Option<[u8; 32]>,
     pub recovery_point: Option<String>,
     pub finished: bool,
-    /// The claim row's current version, which this transaction wrote.
-    pub tid: pg_sys::ItemPointerData,
+    /// The claim row's current version, which this transaction wrote; None
+    /// while the claim is the key lock alone (a new key: nothing written).
+    pub tid: Option<pg_sys::ItemPointerData>,
 }
+
+/// How many new keys a transaction claims by their key lock alone (the
+/// fastest claim: nothing is written until idem_finish). Later claims write
+/// a row, so a batch of any size needs no more lock-table entries than this.
+pub const LOCK_CLAIMS: u32 = 8;
 
 #[derive(Default)]
 struct State {
     keys: HashMap<String, Held>,
     open: usize,
+    /// Keys claimed by their lock in this transaction (savepoint rollbacks
+    /// included, which only makes this err on the side of fewer).
+    lock_claims: u32,
     undo: Vec<(pg_sys::SubTransactionId, String, Option<Held>)>,
 }
 
@@ -79,6 +88,19 @@ pub fn set(scope: &str, key: &str, held: Held) {
     });
 }
 
+/// Counts a claim by key lock; false when the transaction has used up its
+/// share and the claim must write a row instead.
+pub fn take_lock_claim() -> bool {
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.lock_claims >= LOCK_CLAIMS {
+            return false;
+        }
+        s.lock_claims += 1;
+        true
+    })
+}
+
 pub fn init() {
     unsafe {
         pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
@@ -89,7 +111,7 @@ pub fn init() {
 fn clear() {
     STATE.with(|s| {
         let mut s = s.borrow_mut();
-        if !s.keys.is_empty() || !s.undo.is_empty() {
+        if !s.keys.is_empty() || !s.undo.is_empty() || s.lock_claims > 0 {
             *s = State::default();
         }
     });

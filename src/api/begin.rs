@@ -11,7 +11,8 @@ use crate::api::key_and_scope;
 use crate::errors::{error, name_key, Code};
 use crate::fmgr::{self, finfo_v1, Args};
 use crate::held::{self, Held};
-use crate::store::lock::KeyLock;
+use crate::store::direct;
+use crate::store::lock::{KeyLock, Space};
 use crate::store::probe::{probe, Row, Seen};
 use crate::store::statements::{self, Claim};
 use crate::store::wait::{sleep_until, wait_for_transaction};
@@ -23,7 +24,7 @@ enum Answer {
     Started { attempt: i32, recovery_point: Option<String>, token: Option<i64> },
     Completed { result: Option<pg_sys::Datum>, attempt: i32, recovery_point: Option<String> },
     Failed { result: Option<pg_sys::Datum>, attempt: i32, recovery_point: Option<String> },
-    InProgress { attempt: i32 },
+    InProgress { attempt: Option<i32> },
     Mismatch,
 }
 
@@ -59,7 +60,7 @@ pub unsafe extern "C-unwind" fn idem_begin(fcinfo: pg_sys::FunctionCallInfo) -> 
         Answer::Started { attempt, recovery_point, token } => ("started", None, Some(attempt), recovery_point, token),
         Answer::Completed { result, attempt, recovery_point } => ("completed", result, Some(attempt), recovery_point, None),
         Answer::Failed { result, attempt, recovery_point } => ("failed", result, Some(attempt), recovery_point, None),
-        Answer::InProgress { attempt } => ("in_progress", None, Some(attempt), None, None),
+        Answer::InProgress { attempt } => ("in_progress", None, attempt, None, None),
         Answer::Mismatch => ("mismatch", None, None, None, None),
     };
     (values[0], nulls[0]) = fmgr::text_datum(Some(status));
@@ -117,9 +118,9 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
     // the key, every 1 ms at first and every 50 ms at most.
     let mut lease_poll: i64 = 1_000;
     // The first look is taken without the key lock: a finished key (the
-    // common case of a duplicate delivery) is answered from it alone. Only
-    // when the key may have to be claimed is it looked at again under the
-    // lock, since only then can another caller's claim race ours.
+    // common case of a duplicate delivery) is answered from it alone, and so
+    // is a key another transaction is writing. Only when the key may have to
+    // be claimed is the lock taken and the key looked at again under it.
     let mut locked: Option<KeyLock> = None;
     loop {
         let now = clock();
@@ -137,29 +138,50 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                 return replay(row);
             }
         }
-        let Some(lock) = locked.take() else {
-            if !matches!(seen, Seen::Busy { .. }) {
-                locked = Some(KeyLock::acquire(scope, key));
+        let lock = match (locked.take(), seen) {
+            (Some(lock), seen) => (lock, seen),
+            (None, busy @ Seen::Busy { .. }) => {
+                match answer_busy(busy, fingerprint.as_ref(), now, deadline) {
+                    Some(answer) => return answer,
+                    None => continue,
+                }
+            }
+            (None, seen) => {
+                if let Seen::Found(row) = &seen {
+                    if differs(row.fingerprint.as_ref(), fingerprint.as_ref())
+                        && !row.expires_at.is_some_and(|e| e <= now)
+                    {
+                        return Answer::Mismatch;
+                    }
+                }
+                match KeyLock::try_acquire(Space::Keys, scope, key) {
+                    Some(lock) => locked = Some(lock),
+                    // Another caller is claiming the key, or holds it by its
+                    // lock (a new key in transaction mode).
+                    None if now >= deadline => return Answer::InProgress { attempt: attempt_of(&seen) },
+                    None => locked = KeyLock::acquire_until(Space::Keys, scope, key, deadline),
+                }
                 continue;
             }
-            // Busy needs no lock either: handled below.
-            match answer_busy(seen, fingerprint.as_ref(), now, deadline) {
-                Some(answer) => return answer,
-                None => continue,
-            }
         };
+        let (lock, seen) = lock;
         match seen {
             Seen::Absent => {
+                if lease.is_none() && held::take_lock_claim() {
+                    // The lock is the claim: nothing is written until
+                    // idem_finish or idem_fail, and a rollback leaves nothing.
+                    lock.keep();
+                    held::set(
+                        scope,
+                        key,
+                        Held { attempt: 1, fingerprint, recovery_point: None, finished: false, tid: None },
+                    );
+                    return Answer::Started { attempt: 1, recovery_point: None, token: None };
+                }
                 let claim = new_claim(1, fingerprint.as_ref(), None, Some(transaction_start()), lease, now);
-                let written = statements::insert_claim(scope, key, &claim);
+                let tid = direct::insert_key_row(&claim.row(scope, key));
                 lock.release();
-                if let Some(tid) = written {
-                    return started(scope, key, claim, fingerprint, tid);
-                }
-                // Only a row our snapshot cannot see gets here.
-                if snapshot_is_transaction_wide() {
-                    serialization_failure(key, scope);
-                }
+                return started(scope, key, claim, fingerprint, tid);
             }
             Seen::Deleting { xid } => {
                 // A purge is removing the expired row; it commits quickly.
@@ -175,10 +197,6 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
             Seen::Found(row) => {
                 let expired = row.expires_at.is_some_and(|e| e <= now);
                 let leased = row.status == IN_PROGRESS && !row.own && row.locked_until.is_some_and(|l| l > now);
-                if !expired && differs(row.fingerprint.as_ref(), fingerprint.as_ref()) {
-                    lock.release();
-                    return Answer::Mismatch;
-                }
                 let claim = match row.status {
                     _ if expired => {
                         // Past its expiry a key is unknown: start afresh.
@@ -191,7 +209,7 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                     IN_PROGRESS if leased => {
                         lock.release();
                         if now >= deadline {
-                            return Answer::InProgress { attempt: row.attempt };
+                            return Answer::InProgress { attempt: Some(row.attempt) };
                         }
                         let until = row.locked_until.unwrap_or(now).min(deadline);
                         sleep_until(until.min(now.saturating_add(lease_poll)));
@@ -208,11 +226,6 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                         lease,
                         now,
                     ),
-                    // Finished between the first look and this one.
-                    COMPLETED | FAILED => {
-                        lock.release();
-                        return replay(row);
-                    }
                     other => pgrx::error!("idempotency.keys holds an unknown status {:?}", other as char),
                 };
                 let written = statements::update_claim(&row.tid, scope, key, &claim);
@@ -220,11 +233,24 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                 if let Some(tid) = written {
                     return started(scope, key, claim, fingerprint, tid);
                 }
+                // The row changed or went away since the look (READ
+                // COMMITTED: look again), or this transaction's snapshot
+                // cannot see it (claiming it could double a claim).
                 if snapshot_is_transaction_wide() {
                     serialization_failure(key, scope);
                 }
             }
         }
+    }
+}
+
+/// The attempt a caller that finds the key locked reports.
+fn attempt_of(seen: &Seen) -> Option<i32> {
+    match seen {
+        Seen::Found(row) => Some(row.attempt),
+        Seen::Busy { row, .. } => Some(row.attempt),
+        // A new key's first attempt.
+        _ => Some(1),
     }
 }
 
@@ -236,7 +262,7 @@ fn answer_busy(seen: Seen, fingerprint: Option<&[u8; 32]>, now: pg_sys::Timestam
         return Some(Answer::Mismatch);
     }
     if now >= deadline {
-        return Some(Answer::InProgress { attempt: row.attempt });
+        return Some(Answer::InProgress { attempt: Some(row.attempt) });
     }
     wait_for_transaction(xid, deadline);
     None
@@ -258,6 +284,7 @@ fn new_claim<'a>(
 }
 
 fn started(scope: &str, key: &str, claim: Claim, fingerprint: Option<[u8; 32]>, tid: statements::Tid) -> Answer {
+    let tid = Some(tid);
     let recovery_point = claim.recovery_point.map(str::to_string);
     if claim.token.is_none() {
         held::set(

@@ -1,7 +1,9 @@
 //! `idem_once`: the deduplication ledger for side effects and webhooks.
 use crate::api::key_and_scope;
 use crate::fmgr::{finfo_v1, Args};
-use crate::store::statements;
+use crate::store::direct;
+use crate::store::lock::{KeyLock, Space};
+use crate::store::probe::{probe_once, Recorded};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -18,5 +20,38 @@ pub unsafe extern "C-unwind" fn idem_once(fcinfo: pg_sys::FunctionCallInfo) -> p
     let args = unsafe { Args::new(fcinfo) };
     let (key, scope) = key_and_scope(&args, 0, 1);
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
-    pg_sys::Datum::from(statements::insert_once(&scope, &key, now))
+    pg_sys::Datum::from(record(&scope, &key, now))
+}
+
+/// As INSERT ... ON CONFLICT DO NOTHING would, without running SQL: the key
+/// lock makes look-then-insert atomic among callers, and a key another open
+/// transaction is recording is waited for, then looked at again.
+fn record(scope: &str, key: &str, now: pg_sys::TimestampTz) -> bool {
+    let mut locked: Option<KeyLock> = None;
+    loop {
+        match probe_once(scope, key) {
+            Recorded::Yes => {
+                if let Some(lock) = locked {
+                    lock.release();
+                }
+                return false;
+            }
+            Recorded::Busy(xid) => {
+                if let Some(lock) = locked.take() {
+                    lock.release();
+                }
+                unsafe {
+                    pg_sys::XactLockTableWait(xid, std::ptr::null_mut(), std::ptr::null_mut(), pg_sys::XLTW_Oper::XLTW_None)
+                };
+            }
+            Recorded::No => match locked.take() {
+                None => locked = Some(KeyLock::acquire(Space::Once, scope, key)),
+                Some(lock) => {
+                    direct::insert_once_row(scope, key, now);
+                    lock.release();
+                    return true;
+                }
+            },
+        }
+    }
 }

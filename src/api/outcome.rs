@@ -6,7 +6,8 @@ use crate::errors::{error, name_key, Code};
 use crate::fmgr::{self, finfo_v1, Args};
 use crate::held::{self, Held};
 use crate::settings;
-use crate::store::lock::KeyLock;
+use crate::store::direct::{self, KeyRow};
+use crate::store::lock::{KeyLock, Space};
 use crate::store::probe::{probe, Seen};
 use crate::store::statements::{self, Tid};
 use crate::store::{COMPLETED, FAILED, IN_PROGRESS, RELEASED};
@@ -41,7 +42,7 @@ enum Holder {
 /// Checks that the caller holds the key; returns where the claim row is,
 /// and the key lock when the holder is a lease (so that no takeover can slip
 /// in before the write).
-fn holder(key: &str, scope: &str, token: Option<i64>) -> (Holder, Tid, Option<KeyLock>) {
+fn holder(key: &str, scope: &str, token: Option<i64>) -> (Holder, Option<Tid>, Option<KeyLock>) {
     match token {
         None => match held::get(scope, key) {
             Some(h) if !h.finished => {
@@ -51,10 +52,10 @@ fn holder(key: &str, scope: &str, token: Option<i64>) -> (Holder, Tid, Option<Ke
             _ => not_held(key, scope),
         },
         Some(token) => {
-            let lock = KeyLock::acquire(scope, key);
+            let lock = KeyLock::acquire(Space::Keys, scope, key);
             match probe(scope, key) {
                 Seen::Found(row) if row.status == IN_PROGRESS && row.token == Some(token) => {
-                    (Holder::Lease, row.tid, Some(lock))
+                    (Holder::Lease, Some(row.tid), Some(lock))
                 }
                 Seen::Absent | Seen::Deleting { .. } => {
                     lock.release();
@@ -95,14 +96,34 @@ fn record_outcome(
 ) {
     let (now, expires) = ttl_expiry(key, scope, ttl);
     let (who, at, lock) = holder(key, scope, token);
-    let Some(tid) = statements::update_outcome(&at, scope, key, status, result, now, expires) else {
-        not_held(key, scope)
+    let tid = match (&who, at) {
+        // A new key claimed by its lock: its one row is written now.
+        (Holder::Transaction(h), None) => direct::insert_key_row(&KeyRow {
+            scope,
+            key,
+            status,
+            attempt: h.attempt,
+            token: None,
+            fingerprint: h.fingerprint.as_ref(),
+            result,
+            recovery_point: h.recovery_point.as_deref(),
+            created_at: now,
+            finished_at: Some(now),
+            expires_at: Some(expires),
+            locked_until: None,
+            lease: None,
+        }),
+        (_, Some(at)) => match statements::update_outcome(&at, scope, key, status, result, now, expires) {
+            Some(tid) => tid,
+            None => not_held(key, scope),
+        },
+        (Holder::Lease, None) => unreachable!("a lease holder's row was found"),
     };
     if let Some(lock) = lock {
         lock.release();
     }
     if let Holder::Transaction(h) = who {
-        held::set(scope, key, Held { finished: true, tid, ..h });
+        held::set(scope, key, Held { finished: true, tid: Some(tid), ..h });
     }
 }
 
@@ -144,8 +165,14 @@ pub unsafe extern "C-unwind" fn idem_checkpoint(fcinfo: pg_sys::FunctionCallInfo
     let token = args.i64(3);
     let (who, at, lock) = holder(&key, &scope, token);
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    let Some(tid) = statements::update_checkpoint(&at, &scope, &key, recovery_point.as_deref(), now) else {
-        not_held(&key, &scope)
+    // A claim by key lock has no row yet: the recovery point is written
+    // with the outcome.
+    let tid = match at {
+        Some(at) => match statements::update_checkpoint(&at, &scope, &key, recovery_point.as_deref(), now) {
+            Some(tid) => Some(tid),
+            None => not_held(&key, &scope),
+        },
+        None => None,
     };
     if let Some(lock) = lock {
         lock.release();

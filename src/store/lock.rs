@@ -1,24 +1,35 @@
-//! A short exclusive lock per key, held only from the probe to the end of the
-//! statement that claims the key (microseconds), never for the transaction.
-//! Every claim takes it, so a second caller's probe always sees the first
-//! caller's claim row and answers `in_progress` at once instead of queueing
-//! behind it in the unique index.
+//! An exclusive lock per key. Every claim takes it, so that two callers
+//! never claim one key at once: a claim row is written under it, and a
+//! second caller's look at the key then sees that row and answers
+//! `in_progress` at once instead of queueing behind it in the unique index.
 //!
-//! It is an advisory lock tag of our own (field4 below) in the current
-//! database, keyed by a 64-bit hash of scope and key; a hash collision only
-//! makes two keys' claims take turns. Because it is released right after the
-//! write, a transaction holding 100 000 keys holds none of these locks.
+//! For a new key in transaction mode the lock is the claim: it is kept to the
+//! end of the transaction and nothing is written until `idem_finish`. Each
+//! transaction claims at most `held::LOCK_CLAIMS` keys that way; after that,
+//! and for every other claim, the lock is released right after the claim row
+//! is written, so a transaction holding 100 000 keys holds only a few locks.
+//!
+//! It is an advisory lock tag of our own (field4, distinct from
+//! `pg_advisory_lock`'s 1 and 2) in the current database, keyed by a 64-bit
+//! hash of scope and key; a hash collision only makes two keys' claims take
+//! turns.
 use pgrx::pg_sys;
 use std::hash::{Hash, Hasher};
 
-/// Distinguishes our tags from `pg_advisory_lock`'s (which use 1 and 2).
-const TAG_SPACE: u16 = 0x1de0;
-
 pub struct KeyLock {
     tag: pg_sys::LOCKTAG,
+    /// The resource owner the lock belongs to, which must release it.
+    owner: pg_sys::ResourceOwner,
 }
 
-fn tag_for(scope: &str, key: &str) -> pg_sys::LOCKTAG {
+/// Which table's keys a lock is for.
+#[derive(Clone, Copy)]
+pub enum Space {
+    Keys = 0x1de0,
+    Once = 0x1de1,
+}
+
+fn tag_for(space: Space, scope: &str, key: &str) -> pg_sys::LOCKTAG {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     scope.hash(&mut h);
     key.hash(&mut h);
@@ -27,26 +38,54 @@ fn tag_for(scope: &str, key: &str) -> pg_sys::LOCKTAG {
         locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
         locktag_field2: (hash >> 32) as u32,
         locktag_field3: hash as u32,
-        locktag_field4: TAG_SPACE,
+        locktag_field4: space as u16,
         locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
         locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
     }
 }
 
 impl KeyLock {
-    pub fn acquire(scope: &str, key: &str) -> KeyLock {
-        let tag = tag_for(scope, key);
+    /// Waits for the lock as long as it takes (its holders hold it briefly,
+    /// or are the key's holder, whose end is what the caller waits for).
+    pub fn acquire(space: Space, scope: &str, key: &str) -> KeyLock {
+        let tag = tag_for(space, scope, key);
         unsafe {
             pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, false);
         }
-        KeyLock { tag }
+        KeyLock { tag, owner: unsafe { pg_sys::CurrentResourceOwner } }
     }
+
+    /// Takes the lock if it is free.
+    pub fn try_acquire(space: Space, scope: &str, key: &str) -> Option<KeyLock> {
+        let tag = tag_for(space, scope, key);
+        let got = unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, true) };
+        (got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL)
+            .then_some(KeyLock { tag, owner: unsafe { pg_sys::CurrentResourceOwner } })
+    }
+
+    /// Waits at most until `deadline` for the lock.
+    pub fn acquire_until(space: Space, scope: &str, key: &str, deadline: pg_sys::TimestampTz) -> Option<KeyLock> {
+        let tag = tag_for(space, scope, key);
+        // Taken inside a subtransaction whose commit hands the lock to the
+        // transaction's own resource owner, so that is the one to release it.
+        super::wait::bounded(deadline, || unsafe {
+            pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, false);
+        })
+        .then_some(KeyLock { tag, owner: unsafe { pg_sys::CurTransactionResourceOwner } })
+    }
+
+    /// Keeps the lock to the end of the (sub)transaction: in transaction
+    /// mode the lock on a new key is the claim itself.
+    pub fn keep(self) {}
 
     /// Releases the lock. On an error the lock is released by the
     /// (sub)transaction abort instead, so there is no `Drop`.
     pub fn release(self) {
         unsafe {
+            let current = pg_sys::CurrentResourceOwner;
+            pg_sys::CurrentResourceOwner = self.owner;
             pg_sys::LockRelease(&self.tag, pg_sys::ExclusiveLock as i32, false);
+            pg_sys::CurrentResourceOwner = current;
         }
     }
 }

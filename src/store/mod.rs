@@ -4,8 +4,10 @@
 //!   from the primary-key index, to tell "someone else holds it" apart from
 //!   "it is free" without waiting.
 //! - `lock`: the short per-key lock that makes probe-then-write atomic.
-//! - `statements`: the prepared statements that write rows.
+//! - `statements`: the prepared statements that update rows.
+//! - `direct`: inserts without SQL, for the hot paths.
 //! - `wait`: bounded waits for a key's holder.
+pub mod direct;
 pub mod lock;
 pub mod probe;
 pub mod statements;
@@ -27,11 +29,21 @@ pub struct Catalog {
     pub keys: pg_sys::Oid,
     pub pkey: pg_sys::Oid,
     pub att: Attnums,
+    /// Columns of `idempotency.keys`, dropped ones included.
+    pub natts: usize,
+    pub once: pg_sys::Oid,
+    pub once_pkey: pg_sys::Oid,
+    pub once_natts: usize,
 }
 
-/// Column positions of `idempotency.keys`, looked up by name.
+/// Column positions of `idempotency.keys` (1-based), looked up by name.
 #[derive(Clone, Copy)]
 pub struct Attnums {
+    pub created_at: i16,
+    pub finished_at: i16,
+    pub lease: i16,
+    pub scope: i16,
+    pub key: i16,
     pub status: i16,
     pub attempt: i16,
     pub token: i16,
@@ -56,7 +68,9 @@ pub fn init() {
 unsafe extern "C-unwind" fn on_relcache_inval(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     CATALOG.with(|c| {
         if let Some(cat) = c.get() {
-            if relid == pg_sys::InvalidOid || relid == cat.keys || relid == cat.pkey {
+            if relid == pg_sys::InvalidOid
+                || [cat.keys, cat.pkey, cat.once, cat.once_pkey].contains(&relid)
+            {
                 c.set(None);
             }
         }
@@ -72,24 +86,62 @@ pub fn catalog() -> Catalog {
     c
 }
 
+fn missing(what: &str) -> ! {
+    crate::errors::error(pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("{what} is missing"))
+        .hint("Reinstall the extension: DROP EXTENSION idempotency; CREATE EXTENSION idempotency;")
+        .raise()
+}
+
+/// The table's column count, after checking that its only index is its
+/// primary key (what `direct` relies on).
+unsafe fn columns_and_sole_index(table: pg_sys::Oid, name: &str) -> usize {
+    unsafe {
+        let rel = pg_sys::table_open(table, pg_sys::AccessShareLock as i32);
+        let natts = (*(*rel).rd_att).natts as usize;
+        let indexes = pg_sys::RelationGetIndexList(rel);
+        let count = if indexes.is_null() { 0 } else { (*indexes).length };
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+        if count != 1 {
+            crate::errors::error(
+                pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("{name} has {count} indexes; it must have only its primary key"),
+            )
+            .detail("The extension writes this table's index entries itself and knows only the primary key.")
+            .hint("Drop indexes added to the extension's tables.")
+            .raise();
+        }
+        natts
+    }
+}
+
 unsafe fn lookup() -> Catalog {
     unsafe {
         let nsp = pg_sys::get_namespace_oid(c"idempotency".as_ptr(), false);
-        let keys = pg_sys::get_relname_relid(c"keys".as_ptr(), nsp);
-        let pkey = pg_sys::get_relname_relid(c"keys_pkey".as_ptr(), nsp);
-        if keys == pg_sys::InvalidOid || pkey == pg_sys::InvalidOid {
-            crate::errors::error(
-                pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-                "the table idempotency.keys or its primary key is missing",
-            )
-            .hint("Reinstall the extension: DROP EXTENSION idempotency; CREATE EXTENSION idempotency;")
-            .raise();
-        }
+        let rel = |name: &std::ffi::CStr| {
+            let oid = pg_sys::get_relname_relid(name.as_ptr(), nsp);
+            if oid == pg_sys::InvalidOid {
+                missing(&format!("idempotency.{}", name.to_string_lossy()));
+            }
+            oid
+        };
+        let keys = rel(c"keys");
+        let pkey = rel(c"keys_pkey");
+        let once = rel(c"once");
+        let once_pkey = rel(c"once_pkey");
         let att = |name: &std::ffi::CStr| pg_sys::get_attnum(keys, name.as_ptr());
         Catalog {
             keys,
             pkey,
+            natts: columns_and_sole_index(keys, "idempotency.keys"),
+            once,
+            once_pkey,
+            once_natts: columns_and_sole_index(once, "idempotency.once"),
             att: Attnums {
+                created_at: att(c"created_at"),
+                finished_at: att(c"finished_at"),
+                lease: att(c"lease"),
+                scope: att(c"scope"),
+                key: att(c"key"),
                 status: att(c"status"),
                 attempt: att(c"attempt"),
                 token: att(c"token"),

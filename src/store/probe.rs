@@ -39,11 +39,24 @@ pub enum Seen {
     Found(Row),
 }
 
-pub fn probe(scope: &str, key: &str) -> Seen {
-    let cat = catalog();
+/// What one visible row version looked like to the dirty snapshot.
+struct Version {
+    /// Another open transaction inserted it.
+    inserting: pg_sys::TransactionId,
+    /// Another open transaction is updating or deleting it.
+    changing: pg_sys::TransactionId,
+    /// The change is a delete (the version has no newer version).
+    deleting: bool,
+    /// This transaction wrote it.
+    own: bool,
+}
+
+/// Visits every version of (scope, key) in `heap` that a dirty snapshot
+/// sees, through the primary key `index`.
+fn scan(heap: pg_sys::Oid, index: pg_sys::Oid, scope: &str, key: &str, mut visit: impl FnMut(*mut pg_sys::TupleTableSlot, Version)) {
     unsafe {
-        let heap = pg_sys::table_open(cat.keys, pg_sys::AccessShareLock as i32);
-        let index = pg_sys::index_open(cat.pkey, pg_sys::AccessShareLock as i32);
+        let heap = pg_sys::table_open(heap, pg_sys::AccessShareLock as i32);
+        let index = pg_sys::index_open(index, pg_sys::AccessShareLock as i32);
         let mut snapshot = pg_sys::SnapshotData {
             snapshot_type: pg_sys::SnapshotType::SNAPSHOT_DIRTY,
             ..Default::default()
@@ -66,44 +79,77 @@ pub fn probe(scope: &str, key: &str) -> Seen {
         }
         pg_sys::index_rescan(scan, keys.as_mut_ptr(), 2, std::ptr::null_mut(), 0);
         let slot = pg_sys::table_slot_create(heap, std::ptr::null_mut());
-
-        let mut seen = Seen::Absent;
         while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
-            let inserting = snapshot.xmin;
-            let changing = snapshot.xmax;
             let mut should_free = false;
             let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
-            let this = if inserting != pg_sys::InvalidTransactionId {
-                Seen::Busy { xid: inserting, row: read_row(slot, &cat.att, false, false) }
-            } else if changing != pg_sys::InvalidTransactionId {
-                let t_self = (*tuple).t_self;
-                let t_ctid = (*(*tuple).t_data).t_ctid;
-                if pg_sys::ItemPointerEquals(&t_self as *const _ as *mut _, &t_ctid as *const _ as *mut _) {
-                    Seen::Deleting { xid: changing }
-                } else {
-                    Seen::Busy { xid: changing, row: read_row(slot, &cat.att, false, false) }
-                }
-            } else {
-                let xmin = (*(*tuple).t_data).t_choice.t_heap.t_xmin;
-                let own = pg_sys::TransactionIdIsCurrentTransactionId(xmin);
-                Seen::Found(read_row(slot, &cat.att, own, true))
+            let t_self = (*tuple).t_self;
+            let t_ctid = (*(*tuple).t_data).t_ctid;
+            let xmin = (*(*tuple).t_data).t_choice.t_heap.t_xmin;
+            let version = Version {
+                inserting: snapshot.xmin,
+                changing: snapshot.xmax,
+                deleting: pg_sys::ItemPointerEquals(&t_self as *const _ as *mut _, &t_ctid as *const _ as *mut _),
+                own: pg_sys::TransactionIdIsCurrentTransactionId(xmin),
             };
-            // Another transaction's claim outranks what is committed; a row
-            // being deleted outranks nothing.
-            seen = match (seen, this) {
-                (s @ Seen::Busy { .. }, _) => s,
-                (_, b @ Seen::Busy { .. }) => b,
-                (s @ Seen::Found(_), _) => s,
-                (_, f @ Seen::Found(_)) => f,
-                (_, other) => other,
-            };
+            visit(slot, version);
         }
         pg_sys::ExecDropSingleTupleTableSlot(slot);
         pg_sys::index_endscan(scan);
         pg_sys::index_close(index, pg_sys::NoLock as i32);
         pg_sys::table_close(heap, pg_sys::NoLock as i32);
-        seen
     }
+}
+
+pub fn probe(scope: &str, key: &str) -> Seen {
+    let cat = catalog();
+    let mut seen = Seen::Absent;
+    scan(cat.keys, cat.pkey, scope, key, |slot, v| {
+        let this = unsafe {
+            if v.inserting != pg_sys::InvalidTransactionId {
+                Seen::Busy { xid: v.inserting, row: read_row(slot, &cat.att, false, false) }
+            } else if v.changing != pg_sys::InvalidTransactionId {
+                if v.deleting {
+                    Seen::Deleting { xid: v.changing }
+                } else {
+                    Seen::Busy { xid: v.changing, row: read_row(slot, &cat.att, false, false) }
+                }
+            } else {
+                Seen::Found(read_row(slot, &cat.att, v.own, true))
+            }
+        };
+        // Another transaction's claim outranks what is committed; a row
+        // being deleted outranks nothing.
+        seen = match (std::mem::replace(&mut seen, Seen::Absent), this) {
+            (s @ Seen::Busy { .. }, _) => s,
+            (_, b @ Seen::Busy { .. }) => b,
+            (s @ Seen::Found(_), _) => s,
+            (_, f @ Seen::Found(_)) => f,
+            (_, other) => other,
+        };
+    });
+    seen
+}
+
+/// A key in the `idem_once` ledger.
+pub enum Recorded {
+    No,
+    /// Another open transaction is recording (or deleting) it.
+    Busy(pg_sys::TransactionId),
+    Yes,
+}
+
+pub fn probe_once(scope: &str, key: &str) -> Recorded {
+    let cat = catalog();
+    let mut seen = Recorded::No;
+    scan(cat.once, cat.once_pkey, scope, key, |_, v| {
+        let other = if v.inserting != pg_sys::InvalidTransactionId { v.inserting } else { v.changing };
+        seen = match seen {
+            Recorded::Busy(x) => Recorded::Busy(x),
+            _ if other != pg_sys::InvalidTransactionId => Recorded::Busy(other),
+            _ => Recorded::Yes,
+        };
+    });
+    seen
 }
 
 /// `with_result` is false for rows of open transactions: their result is not

@@ -1,5 +1,5 @@
-//! The statements that write `idempotency.keys` and `idempotency.once`,
-//! prepared once per backend and kept (`SPI_keepplan`); Postgres' plan cache
+//! The statements that update `idempotency.keys` (new rows are inserted by
+//! `direct`), prepared once per backend and kept (`SPI_keepplan`); Postgres' plan cache
 //! re-plans them by itself when a table changes. Operators are
 //! schema-qualified so that a caller's `search_path` cannot change what they
 //! mean inside SECURITY DEFINER code.
@@ -28,16 +28,10 @@ const TID: pg_sys::Oid = pg_sys::TIDOID;
 const THIS_ROW: &str = "WHERE ctid OPERATOR(pg_catalog.=) $1 \
      AND scope OPERATOR(pg_catalog.=) $2 AND key OPERATOR(pg_catalog.=) $3 RETURNING ctid";
 
-/// A new claim: the first `idem_begin` of a key.
-const INSERT_CLAIM: &str = "INSERT INTO idempotency.keys \
-     (scope, key, status, attempt, fingerprint, recovery_point, created_at, locked_until, token, lease) \
-     VALUES ($2, $3, 'p', $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING RETURNING ctid";
 /// A claim of a key that has a row: released, expired or taken over.
 const UPDATE_CLAIM: &str = "UPDATE idempotency.keys SET status = 'p', attempt = $4, \
      fingerprint = $5, recovery_point = $6, created_at = COALESCE($7, created_at), \
      locked_until = $8, token = $9, lease = $10, result = NULL, finished_at = NULL, expires_at = NULL";
-/// $1 is a TID for UPDATE_CLAIM and unused (NULL) for INSERT_CLAIM, so both
-/// take the same parameters.
 const CLAIM_TYPES: &[pg_sys::Oid] = &[TID, TEXT, TEXT, INT4, BYTEA, TEXT, TSTZ, TSTZ, INT8, INTERVAL];
 
 /// The outcome: completed, failed, or released for a retry.
@@ -54,35 +48,24 @@ const UPDATE_CHECKPOINT_TYPES: &[pg_sys::Oid] = &[TID, TEXT, TEXT, TEXT, TSTZ];
 /// gets a larger token than any earlier one, even after the key was purged.
 const NEXT_TOKEN: &str = "SELECT pg_catalog.nextval('idempotency.tokens'::pg_catalog.regclass)";
 
-/// The deduplication ledger: a row is the record; ON CONFLICT DO NOTHING
-/// waits for another open transaction recording the same key, so exactly
-/// one caller ever inserts it.
-const INSERT_ONCE: &str = "INSERT INTO idempotency.once (scope, key, recorded_at) \
-     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
-const INSERT_ONCE_TYPES: &[pg_sys::Oid] = &[TEXT, TEXT, TSTZ];
-
 #[derive(Clone, Copy)]
 enum Stmt {
-    InsertClaim = 0,
-    UpdateClaim = 1,
-    UpdateOutcome = 2,
-    UpdateCheckpoint = 3,
-    NextToken = 4,
-    InsertOnce = 5,
+    UpdateClaim = 0,
+    UpdateOutcome = 1,
+    UpdateCheckpoint = 2,
+    NextToken = 3,
 }
 
 fn sql_of(stmt: Stmt) -> (String, &'static [pg_sys::Oid]) {
     match stmt {
-        Stmt::InsertClaim => (INSERT_CLAIM.to_string(), CLAIM_TYPES),
         Stmt::UpdateClaim => (format!("{UPDATE_CLAIM} {THIS_ROW}"), CLAIM_TYPES),
         Stmt::UpdateOutcome => (format!("{UPDATE_OUTCOME} {THIS_ROW}"), UPDATE_OUTCOME_TYPES),
         Stmt::UpdateCheckpoint => (format!("{UPDATE_CHECKPOINT} {THIS_ROW}"), UPDATE_CHECKPOINT_TYPES),
         Stmt::NextToken => (NEXT_TOKEN.to_string(), &[]),
-        Stmt::InsertOnce => (INSERT_ONCE.to_string(), INSERT_ONCE_TYPES),
     }
 }
 
-const COUNT: usize = 6;
+const COUNT: usize = 4;
 
 thread_local! {
     static PLANS: RefCell<[Option<pg_sys::SPIPlanPtr>; COUNT]> = const { RefCell::new([None; COUNT]) };
@@ -194,6 +177,25 @@ pub struct Claim<'a> {
 }
 
 impl Claim<'_> {
+    /// The claim as a new row of `idempotency.keys`.
+    pub fn row<'a>(&'a self, scope: &'a str, key: &'a str) -> super::direct::KeyRow<'a> {
+        super::direct::KeyRow {
+            scope,
+            key,
+            status: super::IN_PROGRESS,
+            attempt: self.attempt,
+            token: self.token,
+            fingerprint: self.fingerprint,
+            result: None,
+            recovery_point: self.recovery_point,
+            created_at: self.created_at.unwrap_or_else(|| unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }),
+            finished_at: None,
+            expires_at: None,
+            locked_until: self.locked_until,
+            lease: self.lease,
+        }
+    }
+
     fn params(&self, row: Param, scope: &str, key: &str) -> Vec<Param> {
         vec![
             row,
@@ -208,11 +210,6 @@ impl Claim<'_> {
             self.lease.map(|iv| pg_sys::Datum::from(iv as *const pg_sys::Interval)),
         ]
     }
-}
-
-/// Inserts a claim row; None when a row for the key exists after all.
-pub fn insert_claim(scope: &str, key: &str, claim: &Claim) -> Option<Tid> {
-    written(execute(Stmt::InsertClaim, &claim.params(None, scope, key)))
 }
 
 /// Turns the row at `at` into a claim; None when the row is gone, changed,
@@ -261,9 +258,4 @@ pub fn next_token() -> i64 {
         (1, First::Int8(t)) => t,
         _ => pgrx::error!("idempotency.tokens returned no value"),
     }
-}
-
-/// Records a key in the ledger; false when it was recorded before.
-pub fn insert_once(scope: &str, key: &str, now: pg_sys::TimestampTz) -> bool {
-    execute(Stmt::InsertOnce, &[text(scope), text(key), int8(Some(now))]).0 == 1
 }

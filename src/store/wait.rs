@@ -1,7 +1,7 @@
-//! Waiting, for at most a given time, for the transaction that holds a key.
+//! Waiting, for at most a given time, for the transaction that holds a key
+//! (or for the key's lock, which a transaction-mode holder keeps).
 //!
-//! The wait is a real lock wait on the holder's transaction id, as a row lock
-//! wait is: it shows in `pg_locks`, the deadlock detector sees it, and it ends
+//! The wait is a real lock wait, as a row lock wait is: it shows in `pg_locks`, the deadlock detector sees it, and it ends
 //! the moment the holder commits or rolls back. Postgres offers no lock wait
 //! that returns when a timeout passes, only `lock_timeout`, which raises. So
 //! the wait runs with `lock_timeout` set to what is left of `wait`, inside an
@@ -12,11 +12,12 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::pg_sys::PgTryBuilder;
 use pgrx::PgSqlErrorCode;
 
-/// Waits until transaction `xid` ends or `deadline` passes.
-pub fn wait_for_transaction(xid: pg_sys::TransactionId, deadline: pg_sys::TimestampTz) {
+/// Runs `wait` (a lock wait) with `lock_timeout` set to what is left until
+/// `deadline`; true when it returned, false when the time ran out.
+pub fn bounded(deadline: pg_sys::TimestampTz, wait: impl FnOnce() + std::panic::UnwindSafe) -> bool {
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     if now >= deadline {
-        return;
+        return false;
     }
     let left_ms = ((deadline - now + 999) / 1000).clamp(1, i32::MAX as i64) as i32;
     unsafe {
@@ -28,19 +29,30 @@ pub fn wait_for_transaction(xid: pg_sys::TransactionId, deadline: pg_sys::Timest
         // A shorter lock_timeout of the caller's own still applies.
         pg_sys::LockTimeout = if old_timeout > 0 { old_timeout.min(left_ms) } else { left_ms };
         PgTryBuilder::new(|| {
-            pg_sys::XactLockTableWait(xid, std::ptr::null_mut(), std::ptr::null_mut(), pg_sys::XLTW_Oper::XLTW_None);
+            wait();
+            // Committing the subtransaction hands a lock it took to the
+            // caller's (sub)transaction.
             pg_sys::ReleaseCurrentSubTransaction();
+            true
         })
         .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_: CaughtError| {
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            false
         })
         .finally(|| {
             pg_sys::LockTimeout = old_timeout;
             pg_sys::MemoryContextSwitchTo(old_context);
             pg_sys::CurrentResourceOwner = old_owner;
         })
-        .execute();
+        .execute()
     }
+}
+
+/// Waits until transaction `xid` ends or `deadline` passes.
+pub fn wait_for_transaction(xid: pg_sys::TransactionId, deadline: pg_sys::TimestampTz) {
+    bounded(deadline, || unsafe {
+        pg_sys::XactLockTableWait(xid, std::ptr::null_mut(), std::ptr::null_mut(), pg_sys::XLTW_Oper::XLTW_None);
+    });
 }
 
 /// Sleeps until `until`, waking every 10 ms at most so that cancellation

@@ -31,7 +31,8 @@ BEGIN;
 SELECT status, attempt FROM idem_begin('job:1', '{"n": 1}');
 SELECT status, attempt FROM idem_begin('job:1', '{"n": 1}');
 SELECT status FROM idem_begin('job:1', '{"n": 2}');
-SELECT status FROM idem_get('job:1');
+-- idem_get shows rows; a new key's claim is written with its outcome.
+SELECT count(*) AS rows_while_held FROM idem_get('job:1');
 SELECT idem_finish('job:1', '"done"');
 -- After finishing in this transaction, a begin replays.
 SELECT status, result FROM idem_begin('job:1');
@@ -198,3 +199,28 @@ SELECT count(*) FROM (SELECT idem_finish('batch:' || i, to_jsonb(i)) FROM genera
 COMMIT;
 SELECT count(*) FILTER (WHERE status = 'completed') AS replayed
   FROM generate_series(1, 100000) AS i, idem_begin('batch:' || i);
+
+-- Past its first 8 new keys a transaction claims keys by writing a claim
+-- row (so a batch needs no more lock-table entries than that). The rules
+-- are the same; the claim row shows in idem_get.
+BEGIN;
+SELECT count(*) FROM generate_series(1, 8) AS i, idem_begin('filler:' || i);
+SELECT status, attempt FROM idem_begin('row:1', '{"r": 1}');
+SELECT status, attempt FROM idem_begin('row:1', '{"r": 1}');
+SELECT status FROM idem_begin('row:1', '{"r": 2}');
+SELECT status FROM idem_get('row:1');
+SAVEPOINT s;
+SELECT status FROM idem_begin('row:2');
+ROLLBACK TO SAVEPOINT s;
+SELECT idem_checkpoint('row:1', 'half');
+SELECT idem_finish('row:1', '"r1"');
+SELECT count(*) FROM generate_series(1, 8) AS i, idem_finish('filler:' || i);
+COMMIT;
+SELECT status, result, recovery_point FROM idem_get('row:1');
+SELECT count(*) AS forgotten FROM idem_get('row:2');
+BEGIN;
+SELECT count(*) FROM generate_series(1, 8) AS i, idem_begin('filler2:' || i);
+SELECT status FROM idem_begin('row:3');
+COMMIT;
+\echo :LAST_ERROR_SQLSTATE
+SELECT count(*) AS nothing_committed FROM idem_get('row:3');
