@@ -85,28 +85,39 @@ pub fn timestamptz_plus(ts: pg_sys::TimestampTz, iv: &pg_sys::Interval) -> pg_sy
     }
 }
 
-/// Builds the result row of a function declared with OUT parameters. The
-/// blessed tuple descriptor is kept in `fn_extra`, so it is built once per
-/// call site rather than on every call.
+thread_local! {
+    /// Blessed result descriptors by function OID, kept for the backend's
+    /// life (a re-created function has a new OID). A prepared statement
+    /// builds a fresh FmgrInfo on every execution, so `fn_extra` alone would
+    /// not save the work.
+    static RESULT_DESCS: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, usize>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Builds the result row of a function declared with OUT parameters.
 pub unsafe fn return_row(
     fcinfo: pg_sys::FunctionCallInfo,
     values: &mut [pg_sys::Datum],
     nulls: &mut [bool],
 ) -> pg_sys::Datum {
     unsafe {
-        let flinfo = (*fcinfo).flinfo;
-        let mut desc = (*flinfo).fn_extra as pg_sys::TupleDesc;
-        if desc.is_null() {
-            let mut td: pg_sys::TupleDesc = null_mut();
-            let kind = pg_sys::get_call_result_type(fcinfo, null_mut(), &mut td);
-            if kind != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE {
-                pgrx::error!("function returning record called in context that cannot accept type record");
+        let fn_oid = (*(*fcinfo).flinfo).fn_oid;
+        let cached = RESULT_DESCS.with(|d| d.borrow().get(&fn_oid).copied());
+        let desc = match cached {
+            Some(ptr) => ptr as pg_sys::TupleDesc,
+            None => {
+                let mut td: pg_sys::TupleDesc = null_mut();
+                let kind = pg_sys::get_call_result_type(fcinfo, null_mut(), &mut td);
+                if kind != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE {
+                    pgrx::error!("function returning record called in context that cannot accept type record");
+                }
+                let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+                let desc = pg_sys::BlessTupleDesc(pg_sys::CreateTupleDescCopy(td));
+                pg_sys::MemoryContextSwitchTo(old);
+                RESULT_DESCS.with(|d| d.borrow_mut().insert(fn_oid, desc as usize));
+                desc
             }
-            let old = pg_sys::MemoryContextSwitchTo((*flinfo).fn_mcxt);
-            desc = pg_sys::BlessTupleDesc(pg_sys::CreateTupleDescCopy(td));
-            pg_sys::MemoryContextSwitchTo(old);
-            (*flinfo).fn_extra = desc.cast();
-        }
+        };
         let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
         pg_sys::HeapTupleHeaderGetDatum((*tuple).t_data)
     }

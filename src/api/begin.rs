@@ -117,18 +117,18 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
     // another transaction than the claim's), so a wait on a lease re-reads
     // the key, every 1 ms at first and every 50 ms at most.
     let mut lease_poll: i64 = 1_000;
-    // The first look is taken without the key lock: a finished key (the
-    // common case of a duplicate delivery) is answered from it alone, and so
-    // is a key another transaction is writing. Only when the key may have to
-    // be claimed is the lock taken and the key looked at again under it.
-    let mut locked: Option<KeyLock> = None;
+    // Each round tries the key lock first and then looks at the key once.
+    // With the lock, the look decides and a claim may follow. Without it
+    // (someone is claiming the key, or holds it by its lock), the look still
+    // answers a finished key, and otherwise the key is in progress.
     loop {
         let now = clock();
+        let lock = KeyLock::try_acquire(Space::Keys, scope, key);
         let seen = probe(scope, key);
         if let Seen::Found(row) = &seen {
             let expired = row.expires_at.is_some_and(|e| e <= now);
             if !expired && (row.status == COMPLETED || row.status == FAILED) {
-                if let Some(lock) = locked.take() {
+                if let Some(lock) = lock {
                     lock.release();
                 }
                 let Seen::Found(row) = seen else { unreachable!() };
@@ -138,14 +138,12 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                 return replay(row);
             }
         }
-        let lock = match (locked.take(), seen) {
+        let lock = match (lock, seen) {
             (Some(lock), seen) => (lock, seen),
-            (None, busy @ Seen::Busy { .. }) => {
-                match answer_busy(busy, fingerprint.as_ref(), now, deadline) {
-                    Some(answer) => return answer,
-                    None => continue,
-                }
-            }
+            (None, busy @ Seen::Busy { .. }) => match answer_busy(busy, fingerprint.as_ref(), now, deadline) {
+                Some(answer) => return answer,
+                None => continue,
+            },
             (None, seen) => {
                 if let Seen::Found(row) = &seen {
                     if differs(row.fingerprint.as_ref(), fingerprint.as_ref())
@@ -154,14 +152,14 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                         return Answer::Mismatch;
                     }
                 }
-                match KeyLock::try_acquire(Space::Keys, scope, key) {
-                    Some(lock) => locked = Some(lock),
-                    // Another caller is claiming the key, or holds it by its
-                    // lock (a new key in transaction mode).
-                    None if now >= deadline => return Answer::InProgress { attempt: attempt_of(&seen) },
-                    None => locked = KeyLock::acquire_until(Space::Keys, scope, key, deadline),
+                if now >= deadline {
+                    return Answer::InProgress { attempt: attempt_of(&seen) };
                 }
-                continue;
+                // Wait for the lock's holder, then look again holding it.
+                match KeyLock::acquire_until(Space::Keys, scope, key, deadline) {
+                    Some(lock) => (lock, probe(scope, key)),
+                    None => continue,
+                }
             }
         };
         let (lock, seen) = lock;
@@ -197,6 +195,10 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
             Seen::Found(row) => {
                 let expired = row.expires_at.is_some_and(|e| e <= now);
                 let leased = row.status == IN_PROGRESS && !row.own && row.locked_until.is_some_and(|l| l > now);
+                if !expired && differs(row.fingerprint.as_ref(), fingerprint.as_ref()) {
+                    lock.release();
+                    return Answer::Mismatch;
+                }
                 let claim = match row.status {
                     _ if expired => {
                         // Past its expiry a key is unknown: start afresh.
@@ -226,6 +228,11 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                         lease,
                         now,
                     ),
+                    // Finished while this caller waited for the lock.
+                    COMPLETED | FAILED => {
+                        lock.release();
+                        return replay(row);
+                    }
                     other => pgrx::error!("idempotency.keys holds an unknown status {:?}", other as char),
                 };
                 let written = statements::update_claim(&row.tid, scope, key, &claim);
