@@ -65,7 +65,13 @@ fn split_map_key(k: &str) -> (&str, &str) {
 }
 
 pub fn get(scope: &str, key: &str) -> Option<Held> {
-    STATE.with(|s| s.borrow().keys.get(&map_key(scope, key)).cloned())
+    STATE.with(|s| {
+        let s = s.borrow();
+        if s.keys.is_empty() {
+            return None;
+        }
+        s.keys.get(&map_key(scope, key)).cloned()
+    })
 }
 
 /// Records the new state of a key this transaction holds.

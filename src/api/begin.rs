@@ -117,13 +117,17 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
     // another transaction than the claim's), so a wait on a lease re-reads
     // the key, every 1 ms at first and every 50 ms at most.
     let mut lease_poll: i64 = 1_000;
-    // Each round tries the key lock first and then looks at the key once.
-    // With the lock, the look decides and a claim may follow. Without it
-    // (someone is claiming the key, or holds it by its lock), the look still
-    // answers a finished key, and otherwise the key is in progress.
+    // The first look is taken without the key lock, so that a finished key
+    // (a duplicate delivery, the common case) costs one index lookup and no
+    // lock. Otherwise each round tries the key lock and then looks at the
+    // key (again). With the lock, the look decides and a claim may follow.
+    // Without it (someone is claiming the key, or holds it by its lock), the
+    // look still answers a finished key, and otherwise the key is in
+    // progress.
+    let mut first = true;
     loop {
         let now = clock();
-        let lock = KeyLock::try_acquire(Space::Keys, scope, key);
+        let lock = if first { None } else { KeyLock::try_acquire(Space::Keys, scope, key) };
         let seen = probe(scope, key);
         if let Seen::Found(row) = &seen {
             let expired = row.expires_at.is_some_and(|e| e <= now);
@@ -137,6 +141,9 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                 }
                 return replay(row);
             }
+        }
+        if std::mem::take(&mut first) && !matches!(seen, Seen::Busy { .. }) {
+            continue;
         }
         let lock = match (lock, seen) {
             (Some(lock), seen) => (lock, seen),

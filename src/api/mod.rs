@@ -40,6 +40,10 @@ pub fn check_key(key: &str, scope: &str) {
     }
     let max = settings::MAX_KEY_LENGTH.get().max(1) as usize;
     for (what, value) in [("key", key), ("scope", scope)] {
+        // No more bytes than the limit means no more characters either.
+        if value.len() <= max {
+            continue;
+        }
         let chars = value.chars().count();
         if chars > max {
             error(

@@ -28,8 +28,8 @@ fn matches(conflict: &[String]) -> String {
 /// the unique key.
 ///
 /// Upsert, in one statement with one snapshot: `upd` changes the existing
-/// row only where a value differs, `ins` inserts only when no row matched,
-/// and the outer SELECT reports which happened and whether a row existed.
+/// row only where a value differs, `ins` inserts when no row conflicts, and
+/// the outer SELECT reports which happened and whether a row existed.
 /// An unchanged row is neither updated nor locked: no new version, no WAL.
 /// The returned columns are (updated, inserted, existed) counts.
 pub fn build(target: &Target, columns: &[String], conflict: &[String], kind: Kind) -> String {
@@ -74,13 +74,19 @@ pub fn build(target: &Target, columns: &[String], conflict: &[String], kind: Kin
                     .join(" OR ");
                 format!("UPDATE {table} AS t SET {set} FROM src s WHERE {on} AND ({differs}) RETURNING 1")
             };
+            // `ins` needs no NOT EXISTS: ON CONFLICT DO NOTHING checks the
+            // unique index before inserting and writes nothing on a match
+            // (the row `upd` just updated included). Whether a row existed
+            // is asked only when neither changed anything (an unused
+            // initplan is never run).
             format!(
                 "WITH src AS ({src}), \
                  upd AS ({upd}), \
-                 ins AS ({insert} WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {on}) \
-                         ON CONFLICT ({}) DO NOTHING RETURNING 1) \
-                 SELECT (SELECT count(*) FROM upd)::int4, (SELECT count(*) FROM ins)::int4, \
-                        (SELECT count(*) FROM {table} t, src s WHERE {on})::int4",
+                 ins AS ({insert} ON CONFLICT ({}) DO NOTHING RETURNING 1) \
+                 SELECT u, i, CASE WHEN u = 0 AND i = 0 \
+                                   THEN (SELECT count(*) FROM {table} t, src s WHERE {on})::int4 \
+                                   ELSE 0 END \
+                   FROM (SELECT (SELECT count(*) FROM upd)::int4 AS u, (SELECT count(*) FROM ins)::int4 AS i) AS c",
                 list(conflict, "")
             )
         }
