@@ -119,3 +119,24 @@ AS $$
        AND (k.expires_at IS NULL OR k.expires_at > clock_timestamp())
 $$;
 COMMENT ON FUNCTION idem_get IS 'The committed state of a key, or no row when it is unknown or expired';
+
+-- Deletes up to batch_size expired keys (NULL: all of them) and returns how
+-- many. Rows another transaction has locked are skipped, never waited for,
+-- so a purge does not block idem_begin or idem_finish. Run it from cron or
+-- pg_cron; an expired key is unknown to every function even before.
+CREATE FUNCTION idem_purge(batch_size integer DEFAULT 10000)
+RETURNS bigint
+LANGUAGE sql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM idempotency.keys
+         WHERE ctid = ANY (ARRAY(
+                   SELECT ctid FROM idempotency.keys
+                    WHERE expires_at < clock_timestamp()
+                    LIMIT batch_size
+                      FOR UPDATE SKIP LOCKED))
+        RETURNING 1)
+    SELECT count(*) FROM gone
+$$;
+COMMENT ON FUNCTION idem_purge IS 'Delete up to batch_size expired keys; returns how many';

@@ -7,7 +7,7 @@
 //! `in_progress`. In lease mode the row carries `locked_until` and a fencing
 //! token, and others answer `in_progress` until the lease ends.
 use crate::api::json::fingerprint_of_jsonb;
-use crate::api::key_and_scope;
+use crate::api::{check_writable, key_and_scope};
 use crate::errors::{error, name_key, Code};
 use crate::fmgr::{self, finfo_v1, Args};
 use crate::held::{self, Held};
@@ -104,13 +104,19 @@ fn serialization_failure(key: &str, scope: &str) -> ! {
 
 fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&pg_sys::Interval>, wait: i128) -> Answer {
     // A key this transaction already holds: the same attempt again.
-    if lease.is_none() {
-        if let Some(h) = held::get(scope, key).filter(|h| !h.finished) {
-            if differs(h.fingerprint.as_ref(), fingerprint.as_ref()) {
-                return Answer::Mismatch;
-            }
-            return Answer::Started { attempt: h.attempt, recovery_point: h.recovery_point, token: None };
+    if let Some(h) = held::get(scope, key).filter(|h| !h.finished) {
+        if differs(h.fingerprint.as_ref(), fingerprint.as_ref()) {
+            return Answer::Mismatch;
         }
+        if lease.is_some() {
+            error(
+                Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("{} is held by this transaction in transaction mode", name_key(key, scope)),
+            )
+            .hint("Finish or fail it first, or begin it without a lease.")
+            .raise();
+        }
+        return Answer::Started { attempt: h.attempt, recovery_point: h.recovery_point, token: None };
     }
     let deadline = clock().saturating_add(wait.min(i64::MAX as i128) as i64);
     // A lease holder's finish is a commit we cannot wait on as a lock (it is
@@ -170,6 +176,10 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
             }
         };
         let (lock, seen) = lock;
+        if matches!(seen, Seen::Absent | Seen::Found(_)) {
+            // Past here the key may be claimed; a replay was answered above.
+            check_writable(c"idem_begin");
+        }
         match seen {
             Seen::Absent => {
                 if lease.is_none() && held::take_lock_claim() {
@@ -189,9 +199,13 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                 return started(scope, key, claim, fingerprint, tid);
             }
             Seen::Deleting { xid } => {
-                // A purge is removing the expired row; it commits quickly.
+                // A purge is removing the expired row; it commits quickly,
+                // but the wait is bounded like any other.
                 lock.release();
-                unsafe { pg_sys::XactLockTableWait(xid, std::ptr::null_mut(), std::ptr::null_mut(), pg_sys::XLTW_Oper::XLTW_None) };
+                if now >= deadline {
+                    return Answer::InProgress { attempt: None };
+                }
+                wait_for_transaction(xid, deadline);
             }
             busy @ Seen::Busy { .. } => {
                 lock.release();
@@ -272,7 +286,9 @@ fn attempt_of(seen: &Seen) -> Option<i32> {
 /// return None to look again.
 fn answer_busy(seen: Seen, fingerprint: Option<&[u8; 32]>, now: pg_sys::TimestampTz, deadline: pg_sys::TimestampTz) -> Option<Answer> {
     let Seen::Busy { xid, row } = seen else { unreachable!("called for Busy only") };
-    if differs(row.fingerprint.as_ref(), fingerprint) {
+    // An expired row being claimed again has forgotten its old request.
+    let expired = row.expires_at.is_some_and(|e| e <= now);
+    if !expired && differs(row.fingerprint.as_ref(), fingerprint) {
         return Some(Answer::Mismatch);
     }
     if now >= deadline {

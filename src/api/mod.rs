@@ -56,3 +56,9 @@ pub fn check_key(key: &str, scope: &str) {
         }
     }
 }
+
+/// Refuses to write in a read-only transaction or on a standby (25006), as
+/// an INSERT would, before anything is claimed or written.
+pub fn check_writable(function: &std::ffi::CStr) {
+    unsafe { pgrx::pg_sys::PreventCommandIfReadOnly(function.as_ptr()) }
+}

@@ -1,5 +1,5 @@
 //! `idem_once`: the deduplication ledger for side effects and webhooks.
-use crate::api::key_and_scope;
+use crate::api::{check_writable, key_and_scope};
 use crate::fmgr::{finfo_v1, Args};
 use crate::store::direct;
 use crate::store::lock::{KeyLock, Space};
@@ -19,6 +19,7 @@ finfo_v1!(pg_finfo_idem_once);
 pub unsafe extern "C-unwind" fn idem_once(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     let args = unsafe { Args::new(fcinfo) };
     let (key, scope) = key_and_scope(&args, 0, 1);
+    check_writable(c"idem_once");
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     pg_sys::Datum::from(record(&scope, &key, now))
 }

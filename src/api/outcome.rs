@@ -1,7 +1,7 @@
 //! `idem_finish`, `idem_fail` and `idem_checkpoint`: what the holder of a key
 //! records. In transaction mode the holder is the transaction that began the
 //! key; in lease mode it is whoever presents the current fencing token.
-use crate::api::key_and_scope;
+use crate::api::{check_writable, key_and_scope};
 use crate::errors::{error, name_key, Code};
 use crate::fmgr::{self, finfo_v1, Args};
 use crate::held::{self, Held};
@@ -87,6 +87,7 @@ fn ttl_expiry(key: &str, scope: &str, ttl: Option<pg_sys::Interval>) -> (pg_sys:
 }
 
 fn record_outcome(
+    function: &std::ffi::CStr,
     key: &str,
     scope: &str,
     token: Option<i64>,
@@ -94,6 +95,7 @@ fn record_outcome(
     result: Option<pg_sys::Datum>,
     ttl: Option<pg_sys::Interval>,
 ) {
+    check_writable(function);
     let (now, expires) = ttl_expiry(key, scope, ttl);
     let (who, at, lock) = holder(key, scope, token);
     let tid = match (&who, at) {
@@ -135,7 +137,7 @@ finfo_v1!(pg_finfo_idem_finish);
 pub unsafe extern "C-unwind" fn idem_finish(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     let args = unsafe { Args::new(fcinfo) };
     let (key, scope) = key_and_scope(&args, 0, 2);
-    record_outcome(&key, &scope, args.i64(3), COMPLETED, args.datum(1), args.interval(4));
+    record_outcome(c"idem_finish", &key, &scope, args.i64(3), COMPLETED, args.datum(1), args.interval(4));
     pg_sys::Datum::from(0usize)
 }
 
@@ -148,7 +150,7 @@ pub unsafe extern "C-unwind" fn idem_fail(fcinfo: pg_sys::FunctionCallInfo) -> p
     let args = unsafe { Args::new(fcinfo) };
     let (key, scope) = key_and_scope(&args, 0, 2);
     let status = if args.bool(3).unwrap_or(true) { RELEASED } else { FAILED };
-    record_outcome(&key, &scope, args.i64(4), status, args.datum(1), None);
+    record_outcome(c"idem_fail", &key, &scope, args.i64(4), status, args.datum(1), None);
     pg_sys::Datum::from(0usize)
 }
 
@@ -163,6 +165,7 @@ pub unsafe extern "C-unwind" fn idem_checkpoint(fcinfo: pg_sys::FunctionCallInfo
     let (key, scope) = key_and_scope(&args, 0, 2);
     let recovery_point = args.text(1);
     let token = args.i64(3);
+    check_writable(c"idem_checkpoint");
     let (who, at, lock) = holder(&key, &scope, token);
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     // A claim by key lock has no row yet: the recovery point is written

@@ -20,8 +20,9 @@ fn not_null<T>(v: Option<T>, what: &str) -> T {
     })
 }
 
-/// The top-level keys of a jsonb object, or None when it is not an object.
-fn object_keys(row: pg_sys::Datum) -> Option<Vec<String>> {
+/// The top-level keys of a jsonb object, with whether each value is JSON
+/// null; None when it is not an object.
+fn object_keys(row: pg_sys::Datum) -> Option<Vec<(String, bool)>> {
     unsafe {
         let jb = pg_sys::pg_detoast_datum(row.cast_mut_ptr()) as *mut pg_sys::Jsonb;
         let mut it = pg_sys::JsonbIteratorInit(&mut (*jb).root);
@@ -35,7 +36,12 @@ fn object_keys(row: pg_sys::Datum) -> Option<Vec<String>> {
                 pg_sys::JsonbIteratorToken::WJB_KEY => {
                     let s = v.val.string;
                     let bytes = std::slice::from_raw_parts(s.val as *const u8, s.len as usize);
-                    keys.push(String::from_utf8_lossy(bytes).into_owned());
+                    keys.push((String::from_utf8_lossy(bytes).into_owned(), false));
+                }
+                pg_sys::JsonbIteratorToken::WJB_VALUE => {
+                    if let Some(last) = keys.last_mut() {
+                        last.1 = v.type_ == pg_sys::jbvType::jbvNull;
+                    }
                 }
                 pg_sys::JsonbIteratorToken::WJB_DONE => break,
                 _ => {}
@@ -53,16 +59,17 @@ fn prepare_call(args: &Args, what: &str) -> Call {
     let target = target::target(relid);
     let name = &target.name;
 
-    let Some(mut columns) = object_keys(row) else {
+    let Some(entries) = object_keys(row) else {
         error(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("the row for {what} into {name} is not a JSON object"))
             .hint("Pass an object of column => value, such as '{\"id\": 1, \"name\": \"a\"}'.")
             .raise();
     };
-    if columns.is_empty() {
+    if entries.is_empty() {
         error(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("the row for {what} into {name} has no columns"))
             .hint("Pass an object of column => value, such as '{\"id\": 1, \"name\": \"a\"}'.")
             .raise();
     }
+    let mut columns: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
     for c in &columns {
         if target.column(c).is_none() {
             error(Code::ERRCODE_UNDEFINED_COLUMN, format!("column \"{c}\" of relation {name} does not exist"))
@@ -105,6 +112,25 @@ fn prepare_call(args: &Args, what: &str) -> Call {
         )
         .hint("conflict_columns must be the columns of the primary key or of a unique index without a WHERE clause or expressions.")
         .raise();
+    }
+    // The conflicting row is found by these values; a missing or NULL one
+    // matches nothing, and every retry would insert again.
+    for c in &conflict {
+        match entries.iter().find(|(k, _)| k == c) {
+            None => error(
+                Code::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("the row for {what} into {name} has no value for the conflict column \"{c}\""),
+            )
+            .hint("Give every column of conflict_columns (by default the primary key) a value in row.")
+            .raise(),
+            Some((_, true)) => error(
+                Code::ERRCODE_NOT_NULL_VIOLATION,
+                format!("the row for {what} into {name} has NULL for the conflict column \"{c}\""),
+            )
+            .hint("A NULL never conflicts, so retries would insert again; give it a value.")
+            .raise(),
+            Some(_) => {}
+        }
     }
     Call { target, row, columns, conflict }
 }

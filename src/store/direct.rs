@@ -16,6 +16,7 @@ pub type Tid = pg_sys::ItemPointerData;
 pub fn insert(heap: pg_sys::Oid, index: pg_sys::Oid, values: &mut [pg_sys::Datum], nulls: &mut [bool], key: &mut [pg_sys::Datum; 2]) -> Tid {
     unsafe {
         let rel = pg_sys::table_open(heap, pg_sys::RowExclusiveLock as i32);
+        check_still_plain(rel);
         let idx = pg_sys::index_open(index, pg_sys::RowExclusiveLock as i32);
         let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
         pg_sys::heap_insert(rel, tuple, pg_sys::GetCurrentCommandId(true), 0, std::ptr::null_mut());
@@ -38,6 +39,26 @@ pub fn insert(heap: pg_sys::Oid, index: pg_sys::Oid, values: &mut [pg_sys::Datum
         // As after any statement: later reads of this transaction see it.
         pg_sys::CommandCounterIncrement();
         tid
+    }
+}
+
+/// Checked on every insert, with the table locked (cheap: the relcache has
+/// both): a trigger or a second index added since the backend started (by
+/// pg_repack, say) would miss this insert, so refuse rather than lose it.
+unsafe fn check_still_plain(rel: pg_sys::Relation) {
+    unsafe {
+        let indexes = pg_sys::RelationGetIndexList(rel);
+        let count = if indexes.is_null() { 0 } else { (*indexes).length };
+        if (*(*rel).rd_rel).relhastriggers || count != 1 {
+            let name = std::ffi::CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
+            crate::errors::error(
+                pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("idempotency.{name} has triggers or indexes besides its primary key"),
+            )
+            .detail("The extension inserts into this table without the executor and maintains only its primary key.")
+            .hint("Drop triggers and indexes added to the extension's tables (a table rewrite by pg_repack adds them for its run).")
+            .raise();
+        }
     }
 }
 

@@ -49,18 +49,19 @@ impl KeyLock {
     /// or are the key's holder, whose end is what the caller waits for).
     pub fn acquire(space: Space, scope: &str, key: &str) -> KeyLock {
         let tag = tag_for(space, scope, key);
-        unsafe {
+        let owner = unsafe { pg_sys::CurTransactionResourceOwner };
+        as_owner(owner, || unsafe {
             pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, false);
-        }
-        KeyLock { tag, owner: unsafe { pg_sys::CurrentResourceOwner } }
+        });
+        KeyLock { tag, owner }
     }
 
     /// Takes the lock if it is free.
     pub fn try_acquire(space: Space, scope: &str, key: &str) -> Option<KeyLock> {
         let tag = tag_for(space, scope, key);
-        let got = unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, true) };
-        (got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL)
-            .then_some(KeyLock { tag, owner: unsafe { pg_sys::CurrentResourceOwner } })
+        let owner = unsafe { pg_sys::CurTransactionResourceOwner };
+        let got = as_owner(owner, || unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, true) });
+        (got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL).then_some(KeyLock { tag, owner })
     }
 
     /// Waits at most until `deadline` for the lock.
@@ -81,11 +82,23 @@ impl KeyLock {
     /// Releases the lock. On an error the lock is released by the
     /// (sub)transaction abort instead, so there is no `Drop`.
     pub fn release(self) {
-        unsafe {
-            let current = pg_sys::CurrentResourceOwner;
-            pg_sys::CurrentResourceOwner = self.owner;
+        as_owner(self.owner, || unsafe {
             pg_sys::LockRelease(&self.tag, pg_sys::ExclusiveLock as i32, false);
-            pg_sys::CurrentResourceOwner = current;
-        }
+        });
+    }
+}
+
+/// Runs `f` with `owner` as the current resource owner. Locks are taken for
+/// the (sub)transaction's own resource owner, not the statement's portal:
+/// a claim kept to the transaction's end must live exactly as long as the
+/// (sub)transaction that `held` records it under, even when it was taken
+/// while fetching from a cursor.
+fn as_owner<T>(owner: pg_sys::ResourceOwner, f: impl FnOnce() -> T) -> T {
+    unsafe {
+        let current = pg_sys::CurrentResourceOwner;
+        pg_sys::CurrentResourceOwner = owner;
+        let out = f();
+        pg_sys::CurrentResourceOwner = current;
+        out
     }
 }

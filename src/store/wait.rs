@@ -39,6 +39,13 @@ pub fn bounded(deadline: pg_sys::TimestampTz, wait: impl FnOnce() + std::panic::
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
             false
         })
+        // Any other error (a cancel, statement_timeout, a deadlock) must not
+        // leave the internal subtransaction open: roll it back, then let the
+        // error abort the caller's (sub)transaction as usual.
+        .catch_others(|e: CaughtError| {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            e.rethrow()
+        })
         .finally(|| {
             pg_sys::LockTimeout = old_timeout;
             pg_sys::MemoryContextSwitchTo(old_context);

@@ -7,10 +7,12 @@ use serde_json::Value;
 
 pub struct Column {
     pub name: String,
+    pub type_oid: pg_sys::Oid,
     /// `GENERATED ALWAYS AS IDENTITY`: a given value needs OVERRIDING SYSTEM VALUE.
     pub identity_always: bool,
-    /// The type has an equality operator; otherwise values compare as text.
-    pub has_equality: bool,
+    /// The type's default equality operator, or InvalidOid (values then
+    /// compare as text).
+    pub equality: pg_sys::Oid,
 }
 
 pub struct UniqueKey {
@@ -83,10 +85,14 @@ pub fn load(relid: pg_sys::Oid) -> Target {
         .as_array()
         .map(|cols| {
             cols.iter()
-                .map(|c| Column {
-                    name: c["name"].as_str().unwrap_or_default().to_string(),
-                    identity_always: c["identity"].as_str() == Some("a"),
-                    has_equality: has_equality(pg_sys::Oid::from(c["type"].as_u64().unwrap_or(0) as u32)),
+                .map(|c| {
+                    let type_oid = pg_sys::Oid::from(c["type"].as_u64().unwrap_or(0) as u32);
+                    Column {
+                        name: c["name"].as_str().unwrap_or_default().to_string(),
+                        type_oid,
+                        identity_always: c["identity"].as_str() == Some("a"),
+                        equality: equality(type_oid),
+                    }
                 })
                 .collect()
         })
@@ -107,9 +113,9 @@ pub fn load(relid: pg_sys::Oid) -> Target {
     Target { relid, name, columns, unique_keys }
 }
 
-fn has_equality(typid: pg_sys::Oid) -> bool {
+fn equality(typid: pg_sys::Oid) -> pg_sys::Oid {
     unsafe {
         let entry = pg_sys::lookup_type_cache(typid, pg_sys::TYPECACHE_EQ_OPR as i32);
-        !entry.is_null() && (*entry).eq_opr != pg_sys::InvalidOid
+        if entry.is_null() { pg_sys::InvalidOid } else { (*entry).eq_opr }
     }
 }

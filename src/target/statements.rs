@@ -13,12 +13,32 @@ fn list(cols: &[String], prefix: &str) -> String {
     cols.iter().map(|c| format!("{prefix}{}", quote_ident(c))).collect::<Vec<_>>().join(", ")
 }
 
-fn matches(conflict: &[String]) -> String {
+/// `left = right` with the column type's own equality operator, written
+/// `OPERATOR(schema.=)` (with casts where needed) by Postgres' own
+/// `generate_operator_clause`, as its foreign-key checks do: the caller's
+/// search_path cannot put another `=` in its place.
+fn equals(target: &Target, column: &str, left: &str, right: &str) -> String {
+    let col = target.column(column).expect("columns were checked");
+    if col.equality == pg_sys::InvalidOid {
+        return format!(
+            "{left}::pg_catalog.text OPERATOR(pg_catalog.=) {right}::pg_catalog.text"
+        );
+    }
+    let left_c = CString::new(left).expect("no NUL");
+    let right_c = CString::new(right).expect("no NUL");
+    unsafe {
+        let buf = pg_sys::makeStringInfo();
+        pg_sys::generate_operator_clause(buf, left_c.as_ptr(), col.type_oid, col.equality, right_c.as_ptr(), col.type_oid);
+        CStr::from_ptr((*buf).data).to_string_lossy().into_owned()
+    }
+}
+
+fn matches(target: &Target, conflict: &[String]) -> String {
     conflict
         .iter()
         .map(|c| {
             let q = quote_ident(c);
-            format!("t.{q} = s.{q}")
+            equals(target, c, &format!("t.{q}"), &format!("s.{q}"))
         })
         .collect::<Vec<_>>()
         .join(" AND ")
@@ -47,7 +67,7 @@ pub fn build(target: &Target, columns: &[String], conflict: &[String], kind: Kin
             format!("WITH src AS ({src}) {insert} ON CONFLICT ({}) DO NOTHING", list(conflict, ""))
         }
         Kind::Upsert => {
-            let on = matches(conflict);
+            let on = matches(target, conflict);
             let updated: Vec<&String> = columns.iter().filter(|c| !conflict.contains(c)).collect();
             let upd = if updated.is_empty() {
                 "SELECT 1 WHERE false".to_string()
@@ -60,15 +80,16 @@ pub fn build(target: &Target, columns: &[String], conflict: &[String], kind: Kin
                     })
                     .collect::<Vec<_>>()
                     .join(", ");
+                // IS DISTINCT FROM, spelled with the qualified operator.
                 let differs = updated
                     .iter()
                     .map(|c| {
                         let q = quote_ident(c);
-                        if target.column(c).is_some_and(|c| c.has_equality) {
-                            format!("t.{q} IS DISTINCT FROM s.{q}")
-                        } else {
-                            format!("t.{q}::text IS DISTINCT FROM s.{q}::text")
-                        }
+                        let (t, s) = (format!("t.{q}"), format!("s.{q}"));
+                        format!(
+                            "NOT (({t} IS NULL AND {s} IS NULL) OR COALESCE({}, false))",
+                            equals(target, c, &t, &s)
+                        )
                     })
                     .collect::<Vec<_>>()
                     .join(" OR ");
@@ -83,10 +104,11 @@ pub fn build(target: &Target, columns: &[String], conflict: &[String], kind: Kin
                 "WITH src AS ({src}), \
                  upd AS ({upd}), \
                  ins AS ({insert} ON CONFLICT ({}) DO NOTHING RETURNING 1) \
-                 SELECT u, i, CASE WHEN u = 0 AND i = 0 \
-                                   THEN (SELECT count(*) FROM {table} t, src s WHERE {on})::int4 \
+                 SELECT u, i, CASE WHEN u OPERATOR(pg_catalog.=) 0 AND i OPERATOR(pg_catalog.=) 0 \
+                                   THEN (SELECT pg_catalog.count(*) FROM {table} t, src s WHERE {on})::pg_catalog.int4 \
                                    ELSE 0 END \
-                   FROM (SELECT (SELECT count(*) FROM upd)::int4 AS u, (SELECT count(*) FROM ins)::int4 AS i) AS c",
+                   FROM (SELECT (SELECT pg_catalog.count(*) FROM upd)::pg_catalog.int4 AS u, \
+                                (SELECT pg_catalog.count(*) FROM ins)::pg_catalog.int4 AS i) AS c",
                 list(conflict, "")
             )
         }

@@ -90,5 +90,24 @@ SELECT count(*) FROM pg_prepared_xacts;
 SELECT * FROM idem_begin('k', request => ('[1' || repeat('0', 400) || ']')::jsonb);
 \echo :LAST_ERROR_SQLSTATE
 
+-- A read-only transaction (or a standby) may replay, never claim: 25006.
+BEGIN READ ONLY;
+SELECT status FROM idem_begin('done');
+SELECT status FROM idem_begin('new-in-read-only');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK;
+BEGIN READ ONLY;
+SELECT idem_once('once-in-read-only');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK;
+
+-- A key held in transaction mode cannot be begun again with a lease in the
+-- same transaction: 55000.
+BEGIN;
+SELECT status FROM idem_begin('mode-switch');
+SELECT status FROM idem_begin('mode-switch', lease => '1 minute');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK;
+
 -- Nothing of the above left a key behind.
 SELECT count(*) FROM idempotency.keys WHERE key <> 'done';

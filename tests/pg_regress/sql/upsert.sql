@@ -173,3 +173,26 @@ SELECT * FROM notes;
 DROP TABLE notes;
 REVOKE ALL ON accounts FROM upsert_user;
 DROP ROLE upsert_user;
+
+-- The conflict columns must have values: a missing or NULL one would match
+-- nothing, and every retry would insert again.
+SELECT idem_insert_once('accounts', '{"name": "no id"}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('accounts', '{"id": null, "name": "null id"}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('accounts', '{"id": 20, "email": null}', '{email}');
+\echo :LAST_ERROR_SQLSTATE
+
+-- A hostile "=" first on the caller's search_path does not change which row
+-- an upsert matches: its operators are written schema-qualified.
+CREATE SCHEMA evil;
+CREATE FUNCTION evil.always(text, text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.always);
+CREATE TABLE tags (name text PRIMARY KEY, n int);
+INSERT INTO tags VALUES ('a', 1), ('b', 2);
+SET search_path = evil, public, pg_catalog;
+SELECT idem_upsert('tags', '{"name": "b", "n": 20}');
+SELECT idem_upsert('tags', '{"name": "b", "n": 20}');
+RESET search_path;
+SELECT * FROM tags ORDER BY name;
+DROP SCHEMA evil CASCADE;
