@@ -42,7 +42,19 @@ thread_local! {
 pub fn init() {
     unsafe {
         pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_inval), pg_sys::Datum::from(0usize));
+        // A renamed schema changes the qualified names in the statements
+        // without touching the tables' relcache entries.
+        pg_sys::CacheRegisterSyscacheCallback(
+            pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
+            Some(on_namespace_inval),
+            pg_sys::Datum::from(0usize),
+        );
     }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_namespace_inval(_arg: pg_sys::Datum, _cacheid: i32, _hash: u32) {
+    unsafe { on_relcache_inval(pg_sys::Datum::from(0usize), pg_sys::InvalidOid) };
 }
 
 #[pgrx::pg_guard]

@@ -196,3 +196,12 @@ SELECT idem_upsert('tags', '{"name": "b", "n": 20}');
 RESET search_path;
 SELECT * FROM tags ORDER BY name;
 DROP SCHEMA evil CASCADE;
+
+-- Renaming the table's schema is picked up too.
+CREATE SCHEMA before_rename;
+CREATE TABLE before_rename.t (id int PRIMARY KEY, v int);
+SELECT idem_upsert('before_rename.t', '{"id": 1, "v": 1}');
+ALTER SCHEMA before_rename RENAME TO after_rename;
+SELECT idem_upsert('after_rename.t', '{"id": 1, "v": 2}');
+SELECT * FROM after_rename.t;
+DROP SCHEMA after_rename CASCADE;
