@@ -92,24 +92,14 @@ fn missing(what: &str) -> ! {
         .raise()
 }
 
-/// The table's column count, after checking that its only index is its
-/// primary key (what `direct` relies on).
-unsafe fn columns_and_sole_index(table: pg_sys::Oid, name: &str) -> usize {
+/// The table's column count, dropped columns included. (That the table
+/// has no trigger and only its primary key, which `direct` relies on, is
+/// checked on every insert, with the table locked.)
+unsafe fn column_count(table: pg_sys::Oid) -> usize {
     unsafe {
         let rel = pg_sys::table_open(table, pg_sys::AccessShareLock as i32);
         let natts = (*(*rel).rd_att).natts as usize;
-        let indexes = pg_sys::RelationGetIndexList(rel);
-        let count = if indexes.is_null() { 0 } else { (*indexes).length };
         pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
-        if count != 1 {
-            crate::errors::error(
-                pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                format!("{name} has {count} indexes; it must have only its primary key"),
-            )
-            .detail("The extension writes this table's index entries itself and knows only the primary key.")
-            .hint("Drop indexes added to the extension's tables.")
-            .raise();
-        }
         natts
     }
 }
@@ -132,10 +122,10 @@ unsafe fn lookup() -> Catalog {
         Catalog {
             keys,
             pkey,
-            natts: columns_and_sole_index(keys, "idempotency.keys"),
+            natts: column_count(keys),
             once,
             once_pkey,
-            once_natts: columns_and_sole_index(once, "idempotency.once"),
+            once_natts: column_count(once),
             att: Attnums {
                 created_at: att(c"created_at"),
                 finished_at: att(c"finished_at"),
