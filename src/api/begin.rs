@@ -136,7 +136,7 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
         let lock = if first { None } else { KeyLock::try_acquire(Space::Keys, scope, key) };
         let seen = probe(scope, key);
         if let Seen::Found(row) = &seen {
-            let expired = row.expires_at.is_some_and(|e| e <= now);
+            let expired = row.expired(now);
             if !expired && (row.status == COMPLETED || row.status == FAILED) {
                 if let Some(lock) = lock {
                     lock.release();
@@ -160,7 +160,7 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
             (None, seen) => {
                 if let Seen::Found(row) = &seen {
                     if differs(row.fingerprint.as_ref(), fingerprint.as_ref())
-                        && !row.expires_at.is_some_and(|e| e <= now)
+                        && !row.expired(now)
                     {
                         return Answer::Mismatch;
                     }
@@ -214,7 +214,7 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                 }
             }
             Seen::Found(row) => {
-                let expired = row.expires_at.is_some_and(|e| e <= now);
+                let expired = row.expired(now);
                 let leased = row.status == IN_PROGRESS && !row.own && row.locked_until.is_some_and(|l| l > now);
                 if !expired && differs(row.fingerprint.as_ref(), fingerprint.as_ref()) {
                     lock.release();
@@ -287,7 +287,7 @@ fn attempt_of(seen: &Seen) -> Option<i32> {
 fn answer_busy(seen: Seen, fingerprint: Option<&[u8; 32]>, now: pg_sys::TimestampTz, deadline: pg_sys::TimestampTz) -> Option<Answer> {
     let Seen::Busy { xid, row } = seen else { unreachable!("called for Busy only") };
     // An expired row being claimed again has forgotten its old request.
-    let expired = row.expires_at.is_some_and(|e| e <= now);
+    let expired = row.expired(now);
     if !expired && differs(row.fingerprint.as_ref(), fingerprint) {
         return Some(Answer::Mismatch);
     }

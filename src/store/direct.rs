@@ -3,8 +3,8 @@
 //! This skips the executor's start-up for each row, which measured as most
 //! of the cost of a claim. It is correct only because these tables have no
 //! triggers, no constraints that the caller does not already guarantee, and
-//! exactly one index, the primary key on (scope, key), which `catalog`
-//! checks; `heap_insert` itself takes care of WAL, TOAST, statistics and
+//! exactly one index, the primary key on (scope, key), which every insert
+//! checks first; `heap_insert` itself takes care of WAL, TOAST, statistics and
 //! serializable conflict checks, and the unique index insert still refuses
 //! a duplicate key.
 use pgrx::pg_sys;
@@ -115,10 +115,9 @@ pub fn insert_once_row(scope: &str, key: &str, recorded_at: pg_sys::TimestampTz)
     let cat = super::catalog();
     let scope = scope.into_datum().expect("text datum");
     let key = key.into_datum().expect("text datum");
-    let att = |name: &std::ffi::CStr| unsafe { pg_sys::get_attnum(cat.once, name.as_ptr()) as usize - 1 };
     let mut values = vec![pg_sys::Datum::from(0usize); cat.once_natts];
     let mut nulls = vec![true; cat.once_natts];
-    for (i, d) in [(att(c"scope"), scope), (att(c"key"), key), (att(c"recorded_at"), pg_sys::Datum::from(recorded_at))] {
+    for (i, d) in cat.once_att.into_iter().zip([scope, key, pg_sys::Datum::from(recorded_at)]) {
         values[i] = d;
         nulls[i] = false;
     }

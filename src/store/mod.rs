@@ -34,6 +34,9 @@ pub struct Catalog {
     pub once: pg_sys::Oid,
     pub once_pkey: pg_sys::Oid,
     pub once_natts: usize,
+    /// Column positions (0-based) of scope, key and recorded_at in
+    /// `idempotency.once`.
+    pub once_att: [usize; 3],
 }
 
 /// Column positions of `idempotency.keys` (1-based), looked up by name.
@@ -126,6 +129,8 @@ unsafe fn lookup() -> Catalog {
             once,
             once_pkey,
             once_natts: column_count(once),
+            once_att: [c"scope", c"key", c"recorded_at"]
+                .map(|name| pg_sys::get_attnum(once, name.as_ptr()) as usize - 1),
             att: Attnums {
                 created_at: att(c"created_at"),
                 finished_at: att(c"finished_at"),

@@ -27,6 +27,13 @@ pub struct Row {
     pub tid: pg_sys::ItemPointerData,
 }
 
+impl Row {
+    /// Past its expiry a key is unknown, even before it is purged.
+    pub fn expired(&self, now: pg_sys::TimestampTz) -> bool {
+        self.expires_at.is_some_and(|e| e <= now)
+    }
+}
+
 #[derive(Debug)]
 pub enum Seen {
     /// No row: the key was never begun, or its row was purged.

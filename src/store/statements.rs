@@ -84,19 +84,26 @@ fn plan(stmt: Stmt) -> pg_sys::SPIPlanPtr {
             return plan;
         }
         let (sql, types) = sql_of(stmt);
-        let sql = CString::new(sql).expect("no NUL in SQL");
-        let plan = unsafe {
-            let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_ptr() as *mut _);
-            if plan.is_null() {
-                let code = pg_sys::SPI_result;
-                pgrx::error!("could not prepare an idempotency statement: SPI code {code}");
-            }
-            pg_sys::SPI_keepplan(plan);
-            plan
-        };
+        let plan = prepare_kept(&sql, types);
         plans[stmt as usize] = Some(plan);
         plan
     })
+}
+
+/// Prepares `sql` with parameters of `types` and keeps the plan for the
+/// backend's life (until `SPI_freeplan`). Call inside an SPI connection.
+/// (A statement that does not parse raises its own error from SPI_prepare.)
+pub fn prepare_kept(sql: &str, types: &[pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
+    let sql = CString::new(sql).expect("no NUL in SQL");
+    unsafe {
+        let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_ptr() as *mut _);
+        if plan.is_null() {
+            let code = pg_sys::SPI_result;
+            pgrx::error!("could not prepare an idempotency statement: SPI code {code}");
+        }
+        pg_sys::SPI_keepplan(plan);
+        plan
+    }
 }
 
 /// What a statement returned: rows changed, and the first column of the

@@ -115,17 +115,7 @@ pub fn plan(target: &Target, columns: &[String], conflict: &[String], kind: Kind
         return p;
     }
     let sql = statements::build(target, columns, conflict, kind);
-    let sql = std::ffi::CString::new(sql).expect("identifiers hold no NUL");
-    let mut types = [pg_sys::JSONBOID];
-    let plan = unsafe {
-        let p = pg_sys::SPI_prepare(sql.as_ptr(), 1, types.as_mut_ptr());
-        if p.is_null() {
-            let code = pg_sys::SPI_result;
-            pgrx::error!("could not prepare the statement for {}: SPI code {code}", target.name);
-        }
-        pg_sys::SPI_keepplan(p);
-        p
-    };
+    let plan = crate::store::statements::prepare_kept(&sql, &[pg_sys::JSONBOID]);
     CACHE.with(|c| c.borrow_mut().plans.insert(key, plan));
     plan
 }
