@@ -104,9 +104,16 @@ pub fn es_number(f: f64) -> String {
     // the closest, rounding half to even (1424953923781206.25 prints as
     // ...206.2, where the shortest mode alone gives ...206.3).
     let shortest = format!("{:e}", f.abs());
-    let k = shortest.split_once('e').expect("LowerExp has an exponent").0.replace('.', "").len();
+    let k = shortest
+        .split_once('e')
+        .expect("LowerExp has an exponent")
+        .0
+        .replace('.', "")
+        .len();
     let sci = format!("{:.*e}", k - 1, f.abs());
-    let (mantissa, exp) = sci.split_once('e').expect("LowerExp always has an exponent");
+    let (mantissa, exp) = sci
+        .split_once('e')
+        .expect("LowerExp always has an exponent");
     let exp: i32 = exp.parse().expect("LowerExp exponent is an integer");
     let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
     let digits = match digits.trim_end_matches('0') {
@@ -124,7 +131,11 @@ pub fn es_number(f: f64) -> String {
     } else {
         let e = n - 1;
         let e_sign = if e >= 0 { '+' } else { '-' };
-        let m = if k == 1 { digits } else { format!("{}.{}", &digits[..1], &digits[1..]) };
+        let m = if k == 1 {
+            digits
+        } else {
+            format!("{}.{}", &digits[..1], &digits[1..])
+        };
         format!("{m}e{e_sign}{}", e.abs())
     };
     format!("{sign}{body}")
@@ -224,6 +235,9 @@ mod unit {
     #[test]
     fn out_of_range_numbers_are_refused() {
         let big = format!("[1{}]", "0".repeat(400));
-        assert!(matches!(canonical_from_json_text(&big), Err(CanonError::NumberOutOfRange(_))));
+        assert!(matches!(
+            canonical_from_json_text(&big),
+            Err(CanonError::NumberOutOfRange(_))
+        ));
     }
 }

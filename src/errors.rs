@@ -30,7 +30,9 @@ pub struct Raise {
 
 #[track_caller]
 pub fn error(code: PgSqlErrorCode, message: impl Into<String>) -> Raise {
-    Raise { report: ErrorReport::new(code, message.into(), "idempotency") }
+    Raise {
+        report: ErrorReport::new(code, message.into(), "idempotency"),
+    }
 }
 
 impl Raise {

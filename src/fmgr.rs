@@ -41,7 +41,8 @@ impl Args {
     }
 
     pub fn text(&self, i: usize) -> Option<String> {
-        self.nullable(i).and_then(|d| unsafe { String::from_datum(d, false) })
+        self.nullable(i)
+            .and_then(|d| unsafe { String::from_datum(d, false) })
     }
 
     pub fn datum(&self, i: usize) -> Option<pg_sys::Datum> {
@@ -57,7 +58,8 @@ impl Args {
     }
 
     pub fn interval(&self, i: usize) -> Option<pg_sys::Interval> {
-        self.nullable(i).map(|d| unsafe { *(d.cast_mut_ptr::<pg_sys::Interval>()) })
+        self.nullable(i)
+            .map(|d| unsafe { *(d.cast_mut_ptr::<pg_sys::Interval>()) })
     }
 
     /// The interval argument as microseconds, months counted as 30 days and
@@ -78,7 +80,10 @@ pub fn timestamptz_plus(ts: pg_sys::TimestampTz, iv: &pg_sys::Interval) -> pg_sy
         let mut copy = *iv;
         let d = pgrx::direct_function_call_as_datum(
             pg_sys::timestamptz_pl_interval,
-            &[Some(pg_sys::Datum::from(ts)), Some(pg_sys::Datum::from(&mut copy as *mut pg_sys::Interval))],
+            &[
+                Some(pg_sys::Datum::from(ts)),
+                Some(pg_sys::Datum::from(&mut copy as *mut pg_sys::Interval)),
+            ],
         )
         .expect("timestamptz + interval is not NULL");
         d.value() as i64

@@ -132,12 +132,22 @@ fn check_none_open() {
             return None;
         }
         // The smallest, so the message does not depend on hash order.
-        let first = s.keys.iter().filter(|(_, h)| !h.finished).map(|(k, _)| k).min().cloned();
+        let first = s
+            .keys
+            .iter()
+            .filter(|(_, h)| !h.finished)
+            .map(|(k, _)| k)
+            .min()
+            .cloned();
         Some((s.open, first))
     });
     if let Some((count, Some(first))) = open {
         let (scope, key) = split_map_key(&first);
-        let others = if count > 1 { format!(" (and {} more)", count - 1) } else { String::new() };
+        let others = if count > 1 {
+            format!(" (and {} more)", count - 1)
+        } else {
+            String::new()
+        };
         error(
             Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("{}{others} was begun in this transaction but neither finished nor failed", name_key(key, scope)),
@@ -153,7 +163,10 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => check_none_open(),
-        XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_COMMIT
+        XACT_EVENT_COMMIT
+        | XACT_EVENT_ABORT
+        | XACT_EVENT_PREPARE
+        | XACT_EVENT_PARALLEL_COMMIT
         | XACT_EVENT_PARALLEL_ABORT => clear(),
         _ => {}
     }
@@ -171,7 +184,11 @@ unsafe extern "C-unwind" fn on_subxact(
     }
     STATE.with(|s| {
         let mut s = s.borrow_mut();
-        while s.undo.last().is_some_and(|(subid, _, _)| *subid >= my_subid) {
+        while s
+            .undo
+            .last()
+            .is_some_and(|(subid, _, _)| *subid >= my_subid)
+        {
             let (_, mk, prev) = s.undo.pop().expect("checked above");
             let was_open = s.keys.get(&mk).is_some_and(|h| !h.finished);
             let now_open = prev.as_ref().is_some_and(|h| !h.finished);

@@ -48,18 +48,38 @@ mod tests {
     use pgrx::prelude::*;
 
     fn one<T: pgrx::FromDatum + pgrx::IntoDatum>(sql: &str) -> T {
-        Spi::get_one::<T>(sql).expect("query runs").expect("not NULL")
+        Spi::get_one::<T>(sql)
+            .expect("query runs")
+            .expect("not NULL")
     }
 
     #[pg_test]
     fn begin_claims_then_replays_the_stored_result() {
-        assert_eq!(one::<String>("SELECT status FROM idem_begin('t:1', '{\"a\": 1}')"), "started");
-        assert_eq!(one::<i32>("SELECT attempt FROM idem_begin('t:1', '{\"a\": 1}')"), 1);
+        assert_eq!(
+            one::<String>("SELECT status FROM idem_begin('t:1', '{\"a\": 1}')"),
+            "started"
+        );
+        assert_eq!(
+            one::<i32>("SELECT attempt FROM idem_begin('t:1', '{\"a\": 1}')"),
+            1
+        );
         Spi::run("SELECT idem_finish('t:1', '{\"id\": 7}')").unwrap();
-        assert_eq!(one::<String>("SELECT status FROM idem_begin('t:1')"), "completed");
-        assert_eq!(one::<String>("SELECT result::text FROM idem_begin('t:1')"), "{\"id\": 7}");
-        assert_eq!(one::<String>("SELECT status FROM idem_begin('t:1', '{\"a\": 2}')"), "mismatch");
-        assert_eq!(one::<String>("SELECT status FROM idem_get('t:1')"), "completed");
+        assert_eq!(
+            one::<String>("SELECT status FROM idem_begin('t:1')"),
+            "completed"
+        );
+        assert_eq!(
+            one::<String>("SELECT result::text FROM idem_begin('t:1')"),
+            "{\"id\": 7}"
+        );
+        assert_eq!(
+            one::<String>("SELECT status FROM idem_begin('t:1', '{\"a\": 2}')"),
+            "mismatch"
+        );
+        assert_eq!(
+            one::<String>("SELECT status FROM idem_get('t:1')"),
+            "completed"
+        );
     }
 
     #[pg_test]
@@ -68,7 +88,12 @@ mod tests {
         let cases: &[(&str, &str, &str, &str)] = &[
             ("", "fresh", "NULL", "started"),
             ("SELECT idem_fail('r', '\"e\"')", "r", "NULL", "started"),
-            ("SELECT idem_fail('p', '\"e\"', retryable => false)", "p", "NULL", "failed"),
+            (
+                "SELECT idem_fail('p', '\"e\"', retryable => false)",
+                "p",
+                "NULL",
+                "failed",
+            ),
             ("SELECT idem_finish('c', '1')", "c", "'{}'", "completed"),
             ("SELECT idem_finish('m', '1')", "m", "'[1]'", "mismatch"),
         ];
@@ -77,7 +102,9 @@ mod tests {
             if !before.is_empty() {
                 Spi::run(before).unwrap();
             }
-            let got = one::<String>(&format!("SELECT status FROM idem_begin('{key}', request => {request}::jsonb)"));
+            let got = one::<String>(&format!(
+                "SELECT status FROM idem_begin('{key}', request => {request}::jsonb)"
+            ));
             assert_eq!(&got, want, "key {key}");
         }
     }
@@ -105,12 +132,18 @@ mod tests {
     fn fingerprint_is_sha256_of_canonical_text() {
         let cases: &[(&str, &str)] = &[
             ("{}", "{}"),
-            ("{\"b\": 1, \"a\": [1.50, null]}", "{\"a\":[1.5,null],\"b\":1}"),
+            (
+                "{\"b\": 1, \"a\": [1.50, null]}",
+                "{\"a\":[1.5,null],\"b\":1}",
+            ),
             ("1e30", "1e+30"),
             ("\"\\u001f\"", "\"\\u001f\""),
         ];
         for (input, canonical) in cases {
-            assert_eq!(&one::<String>(&format!("SELECT idem_canonical('{input}')")), canonical);
+            assert_eq!(
+                &one::<String>(&format!("SELECT idem_canonical('{input}')")),
+                canonical
+            );
             let same = one::<bool>(&format!(
                 "SELECT idem_fingerprint('{input}') = encode(sha256(convert_to('{}', 'UTF8')), 'hex')",
                 canonical.replace('\'', "''")

@@ -21,10 +21,24 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 enum Answer {
-    Started { attempt: i32, recovery_point: Option<String>, token: Option<i64> },
-    Completed { result: Option<pg_sys::Datum>, attempt: i32, recovery_point: Option<String> },
-    Failed { result: Option<pg_sys::Datum>, attempt: i32, recovery_point: Option<String> },
-    InProgress { attempt: Option<i32> },
+    Started {
+        attempt: i32,
+        recovery_point: Option<String>,
+        token: Option<i64>,
+    },
+    Completed {
+        result: Option<pg_sys::Datum>,
+        attempt: i32,
+        recovery_point: Option<String>,
+    },
+    Failed {
+        result: Option<pg_sys::Datum>,
+        attempt: i32,
+        recovery_point: Option<String>,
+    },
+    InProgress {
+        attempt: Option<i32>,
+    },
     Mismatch,
 }
 
@@ -39,16 +53,22 @@ pub unsafe extern "C-unwind" fn idem_begin(fcinfo: pg_sys::FunctionCallInfo) -> 
     let lease = args.interval(3);
     if let Some(iv) = &lease {
         if fmgr::interval_micros(iv) <= 0 {
-            error(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("lease for {} must be positive", name_key(&key, &scope)))
-                .hint("Pass an interval such as '2 minutes', or NULL for transaction mode.")
-                .raise();
+            error(
+                Code::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("lease for {} must be positive", name_key(&key, &scope)),
+            )
+            .hint("Pass an interval such as '2 minutes', or NULL for transaction mode.")
+            .raise();
         }
     }
     let wait = args.interval_micros(4).unwrap_or(0);
     if wait < 0 {
-        error(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("wait for {} must not be negative", name_key(&key, &scope)))
-            .hint("Pass '0' to answer at once, or how long to wait for the holder.")
-            .raise();
+        error(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("wait for {} must not be negative", name_key(&key, &scope)),
+        )
+        .hint("Pass '0' to answer at once, or how long to wait for the holder.")
+        .raise();
     }
     let fingerprint = args.datum(1).map(|d| fingerprint_of_jsonb(d, &key, &scope));
 
@@ -57,9 +77,21 @@ pub unsafe extern "C-unwind" fn idem_begin(fcinfo: pg_sys::FunctionCallInfo) -> 
     let mut values = [pg_sys::Datum::from(0usize); 5];
     let mut nulls = [true; 5];
     let (status, result, attempt, recovery_point, token) = match answer {
-        Answer::Started { attempt, recovery_point, token } => ("started", None, Some(attempt), recovery_point, token),
-        Answer::Completed { result, attempt, recovery_point } => ("completed", result, Some(attempt), recovery_point, None),
-        Answer::Failed { result, attempt, recovery_point } => ("failed", result, Some(attempt), recovery_point, None),
+        Answer::Started {
+            attempt,
+            recovery_point,
+            token,
+        } => ("started", None, Some(attempt), recovery_point, token),
+        Answer::Completed {
+            result,
+            attempt,
+            recovery_point,
+        } => ("completed", result, Some(attempt), recovery_point, None),
+        Answer::Failed {
+            result,
+            attempt,
+            recovery_point,
+        } => ("failed", result, Some(attempt), recovery_point, None),
         Answer::InProgress { attempt } => ("in_progress", None, attempt, None, None),
         Answer::Mismatch => ("mismatch", None, None, None, None),
     };
@@ -96,13 +128,22 @@ fn snapshot_is_transaction_wide() -> bool {
 fn serialization_failure(key: &str, scope: &str) -> ! {
     error(
         Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
-        format!("could not serialize access to {}: it changed after this transaction's snapshot", name_key(key, scope)),
+        format!(
+            "could not serialize access to {}: it changed after this transaction's snapshot",
+            name_key(key, scope)
+        ),
     )
     .hint("Retry the transaction.")
     .raise()
 }
 
-fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&pg_sys::Interval>, wait: i128) -> Answer {
+fn begin(
+    key: &str,
+    scope: &str,
+    fingerprint: Option<[u8; 32]>,
+    lease: Option<&pg_sys::Interval>,
+    wait: i128,
+) -> Answer {
     // A key this transaction already holds: the same attempt again.
     if let Some(h) = held::get(scope, key).filter(|h| !h.finished) {
         if differs(h.fingerprint.as_ref(), fingerprint.as_ref()) {
@@ -111,12 +152,19 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
         if lease.is_some() {
             error(
                 Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                format!("{} is held by this transaction in transaction mode", name_key(key, scope)),
+                format!(
+                    "{} is held by this transaction in transaction mode",
+                    name_key(key, scope)
+                ),
             )
             .hint("Finish or fail it first, or begin it without a lease.")
             .raise();
         }
-        return Answer::Started { attempt: h.attempt, recovery_point: h.recovery_point, token: None };
+        return Answer::Started {
+            attempt: h.attempt,
+            recovery_point: h.recovery_point,
+            token: None,
+        };
     }
     let deadline = clock().saturating_add(wait.min(i64::MAX as i128) as i64);
     // A lease holder's finish is a commit we cannot wait on as a lock (it is
@@ -133,7 +181,11 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
     let mut first = true;
     loop {
         let now = clock();
-        let lock = if first { None } else { KeyLock::try_acquire(Space::Keys, scope, key) };
+        let lock = if first {
+            None
+        } else {
+            KeyLock::try_acquire(Space::Keys, scope, key)
+        };
         let seen = probe(scope, key);
         if let Seen::Found(row) = &seen {
             let expired = row.expired(now);
@@ -141,7 +193,9 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                 if let Some(lock) = lock {
                     lock.release();
                 }
-                let Seen::Found(row) = seen else { unreachable!() };
+                let Seen::Found(row) = seen else {
+                    unreachable!()
+                };
                 if differs(row.fingerprint.as_ref(), fingerprint.as_ref()) {
                     return Answer::Mismatch;
                 }
@@ -153,20 +207,23 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
         }
         let lock = match (lock, seen) {
             (Some(lock), seen) => (lock, seen),
-            (None, busy @ Seen::Busy { .. }) => match answer_busy(busy, fingerprint.as_ref(), now, deadline) {
-                Some(answer) => return answer,
-                None => continue,
-            },
+            (None, busy @ Seen::Busy { .. }) => {
+                match answer_busy(busy, fingerprint.as_ref(), now, deadline) {
+                    Some(answer) => return answer,
+                    None => continue,
+                }
+            }
             (None, seen) => {
                 if let Seen::Found(row) = &seen {
-                    if differs(row.fingerprint.as_ref(), fingerprint.as_ref())
-                        && !row.expired(now)
+                    if differs(row.fingerprint.as_ref(), fingerprint.as_ref()) && !row.expired(now)
                     {
                         return Answer::Mismatch;
                     }
                 }
                 if now >= deadline {
-                    return Answer::InProgress { attempt: attempt_of(&seen) };
+                    return Answer::InProgress {
+                        attempt: attempt_of(&seen),
+                    };
                 }
                 // Wait for the lock's holder, then look again holding it.
                 match KeyLock::acquire_until(Space::Keys, scope, key, deadline) {
@@ -189,11 +246,28 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                     held::set(
                         scope,
                         key,
-                        Held { attempt: 1, fingerprint, recovery_point: None, finished: false, tid: None },
+                        Held {
+                            attempt: 1,
+                            fingerprint,
+                            recovery_point: None,
+                            finished: false,
+                            tid: None,
+                        },
                     );
-                    return Answer::Started { attempt: 1, recovery_point: None, token: None };
+                    return Answer::Started {
+                        attempt: 1,
+                        recovery_point: None,
+                        token: None,
+                    };
                 }
-                let claim = new_claim(1, fingerprint.as_ref(), None, Some(transaction_start()), lease, now);
+                let claim = new_claim(
+                    1,
+                    fingerprint.as_ref(),
+                    None,
+                    Some(transaction_start()),
+                    lease,
+                    now,
+                );
                 let tid = direct::insert_key_row(&claim.row(scope, key));
                 lock.release();
                 return started(scope, key, claim, fingerprint, tid);
@@ -215,7 +289,9 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
             }
             Seen::Found(row) => {
                 let expired = row.expired(now);
-                let leased = row.status == IN_PROGRESS && !row.own && row.locked_until.is_some_and(|l| l > now);
+                let leased = row.status == IN_PROGRESS
+                    && !row.own
+                    && row.locked_until.is_some_and(|l| l > now);
                 if !expired && differs(row.fingerprint.as_ref(), fingerprint.as_ref()) {
                     lock.release();
                     return Answer::Mismatch;
@@ -223,16 +299,29 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                 let claim = match row.status {
                     _ if expired => {
                         // Past its expiry a key is unknown: start afresh.
-                        new_claim(1, fingerprint.as_ref(), None, Some(transaction_start()), lease, now)
+                        new_claim(
+                            1,
+                            fingerprint.as_ref(),
+                            None,
+                            Some(transaction_start()),
+                            lease,
+                            now,
+                        )
                     }
                     IN_PROGRESS if row.own => {
                         lock.release();
-                        return Answer::Started { attempt: row.attempt, recovery_point: row.recovery_point, token: row.token };
+                        return Answer::Started {
+                            attempt: row.attempt,
+                            recovery_point: row.recovery_point,
+                            token: row.token,
+                        };
                     }
                     IN_PROGRESS if leased => {
                         lock.release();
                         if now >= deadline {
-                            return Answer::InProgress { attempt: Some(row.attempt) };
+                            return Answer::InProgress {
+                                attempt: Some(row.attempt),
+                            };
                         }
                         let until = row.locked_until.unwrap_or(now).min(deadline);
                         sleep_until(until.min(now.saturating_add(lease_poll)));
@@ -254,7 +343,10 @@ fn begin(key: &str, scope: &str, fingerprint: Option<[u8; 32]>, lease: Option<&p
                         lock.release();
                         return replay(row);
                     }
-                    other => pgrx::error!("idempotency.keys holds an unknown status {:?}", other as char),
+                    other => pgrx::error!(
+                        "idempotency.keys holds an unknown status {:?}",
+                        other as char
+                    ),
                 };
                 let written = statements::update_claim(&row.tid, scope, key, &claim);
                 lock.release();
@@ -284,15 +376,24 @@ fn attempt_of(seen: &Seen) -> Option<i32> {
 
 /// Another open transaction holds the key: answer, or wait for it and
 /// return None to look again.
-fn answer_busy(seen: Seen, fingerprint: Option<&[u8; 32]>, now: pg_sys::TimestampTz, deadline: pg_sys::TimestampTz) -> Option<Answer> {
-    let Seen::Busy { xid, row } = seen else { unreachable!("called for Busy only") };
+fn answer_busy(
+    seen: Seen,
+    fingerprint: Option<&[u8; 32]>,
+    now: pg_sys::TimestampTz,
+    deadline: pg_sys::TimestampTz,
+) -> Option<Answer> {
+    let Seen::Busy { xid, row } = seen else {
+        unreachable!("called for Busy only")
+    };
     // An expired row being claimed again has forgotten its old request.
     let expired = row.expired(now);
     if !expired && differs(row.fingerprint.as_ref(), fingerprint) {
         return Some(Answer::Mismatch);
     }
     if now >= deadline {
-        return Some(Answer::InProgress { attempt: Some(row.attempt) });
+        return Some(Answer::InProgress {
+            attempt: Some(row.attempt),
+        });
     }
     wait_for_transaction(xid, deadline);
     None
@@ -307,13 +408,30 @@ fn new_claim<'a>(
     now: pg_sys::TimestampTz,
 ) -> Claim<'a> {
     let (locked_until, token) = match lease {
-        Some(iv) => (Some(fmgr::timestamptz_plus(now, iv)), Some(statements::next_token())),
+        Some(iv) => (
+            Some(fmgr::timestamptz_plus(now, iv)),
+            Some(statements::next_token()),
+        ),
         None => (None, None),
     };
-    Claim { attempt, fingerprint, recovery_point, created_at, locked_until, token, lease }
+    Claim {
+        attempt,
+        fingerprint,
+        recovery_point,
+        created_at,
+        locked_until,
+        token,
+        lease,
+    }
 }
 
-fn started(scope: &str, key: &str, claim: Claim, fingerprint: Option<[u8; 32]>, tid: statements::Tid) -> Answer {
+fn started(
+    scope: &str,
+    key: &str,
+    claim: Claim,
+    fingerprint: Option<[u8; 32]>,
+    tid: statements::Tid,
+) -> Answer {
     let tid = Some(tid);
     let recovery_point = claim.recovery_point.map(str::to_string);
     if claim.token.is_none() {
@@ -329,14 +447,32 @@ fn started(scope: &str, key: &str, claim: Claim, fingerprint: Option<[u8; 32]>, 
             },
         );
     }
-    Answer::Started { attempt: claim.attempt, recovery_point, token: claim.token }
+    Answer::Started {
+        attempt: claim.attempt,
+        recovery_point,
+        token: claim.token,
+    }
 }
 
 fn replay(row: Row) -> Answer {
-    let Row { status, result, attempt, recovery_point, .. } = row;
+    let Row {
+        status,
+        result,
+        attempt,
+        recovery_point,
+        ..
+    } = row;
     if status == COMPLETED {
-        Answer::Completed { result, attempt, recovery_point }
+        Answer::Completed {
+            result,
+            attempt,
+            recovery_point,
+        }
     } else {
-        Answer::Failed { result, attempt, recovery_point }
+        Answer::Failed {
+            result,
+            attempt,
+            recovery_point,
+        }
     }
 }

@@ -10,8 +10,11 @@ use std::ffi::CStr;
 
 fn jsonb_text(d: pg_sys::Datum) -> String {
     unsafe {
-        let out = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(d)]).expect("jsonb_out returns text");
-        CStr::from_ptr(out.cast_mut_ptr::<std::ffi::c_char>()).to_string_lossy().into_owned()
+        let out = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(d)])
+            .expect("jsonb_out returns text");
+        CStr::from_ptr(out.cast_mut_ptr::<std::ffi::c_char>())
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
@@ -30,7 +33,9 @@ fn canonical_or_raise(d: pg_sys::Datum, whose: impl FnOnce() -> String) -> Strin
 
 /// The SHA-256 of the canonical text of a `request` argument.
 pub fn fingerprint_of_jsonb(d: pg_sys::Datum, key: &str, scope: &str) -> [u8; 32] {
-    canonical::sha256(&canonical_or_raise(d, || format!("the request for {}", name_key(key, scope))))
+    canonical::sha256(&canonical_or_raise(d, || {
+        format!("the request for {}", name_key(key, scope))
+    }))
 }
 
 finfo_v1!(pg_finfo_idem_canonical);
@@ -41,7 +46,9 @@ finfo_v1!(pg_finfo_idem_canonical);
 pub unsafe extern "C-unwind" fn idem_canonical(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     let args = unsafe { Args::new(fcinfo) };
     let d = args.datum(0).expect("declared STRICT");
-    canonical_or_raise(d, || "the value".to_string()).into_datum().expect("text datum")
+    canonical_or_raise(d, || "the value".to_string())
+        .into_datum()
+        .expect("text datum")
 }
 
 finfo_v1!(pg_finfo_idem_fingerprint);
@@ -49,11 +56,15 @@ finfo_v1!(pg_finfo_idem_fingerprint);
 /// `idem_fingerprint(value jsonb) returns text`: 64 lowercase hex digits.
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn idem_fingerprint(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn idem_fingerprint(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     let args = unsafe { Args::new(fcinfo) };
     let d = args.datum(0).expect("declared STRICT");
     let text = canonical_or_raise(d, || "the value".to_string());
-    canonical::hex(&canonical::sha256(&text)).into_datum().expect("text datum")
+    canonical::hex(&canonical::sha256(&text))
+        .into_datum()
+        .expect("text datum")
 }
 
 finfo_v1!(pg_finfo_idem_check_key);

@@ -16,9 +16,12 @@ pub fn key_and_scope(args: &Args, key_arg: usize, scope_arg: usize) -> (String, 
     let key = args.text(key_arg);
     let scope = args.text(scope_arg);
     let (key, scope) = match (key, scope) {
-        (None, _) => error(Code::ERRCODE_NULL_VALUE_NOT_ALLOWED, "idempotency key must not be NULL")
-            .hint("Pass the key that identifies this piece of work, such as 'charge:order-42'.")
-            .raise(),
+        (None, _) => error(
+            Code::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "idempotency key must not be NULL",
+        )
+        .hint("Pass the key that identifies this piece of work, such as 'charge:order-42'.")
+        .raise(),
         (Some(k), None) => error(
             Code::ERRCODE_NULL_VALUE_NOT_ALLOWED,
             format!("scope of {} must not be NULL", name_key(&k, "")),
@@ -33,10 +36,17 @@ pub fn key_and_scope(args: &Args, key_arg: usize, scope_arg: usize) -> (String, 
 
 pub fn check_key(key: &str, scope: &str) {
     if key.is_empty() {
-        let whose = if scope.is_empty() { String::new() } else { format!(" in scope \"{scope}\"") };
-        error(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("idempotency key{whose} must not be empty"))
-            .hint("Pass the key that identifies this piece of work, such as 'charge:order-42'.")
-            .raise();
+        let whose = if scope.is_empty() {
+            String::new()
+        } else {
+            format!(" in scope \"{scope}\"")
+        };
+        error(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("idempotency key{whose} must not be empty"),
+        )
+        .hint("Pass the key that identifies this piece of work, such as 'charge:order-42'.")
+        .raise();
     }
     let max = settings::MAX_KEY_LENGTH.get().max(1) as usize;
     for (what, value) in [("key", key), ("scope", scope)] {
@@ -48,7 +58,10 @@ pub fn check_key(key: &str, scope: &str) {
         if chars > max {
             error(
                 Code::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("{} is too long: its {what} has {chars} characters", name_key(key, scope)),
+                format!(
+                    "{} is too long: its {what} has {chars} characters",
+                    name_key(key, scope)
+                ),
             )
             .detail(format!("idempotency.max_key_length is {max}."))
             .hint("Use a shorter key, or hash a long natural key with idem_fingerprint().")

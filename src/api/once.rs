@@ -42,7 +42,12 @@ fn record(scope: &str, key: &str, now: pg_sys::TimestampTz) -> bool {
                     lock.release();
                 }
                 unsafe {
-                    pg_sys::XactLockTableWait(xid, std::ptr::null_mut(), std::ptr::null_mut(), pg_sys::XLTW_Oper::XLTW_None)
+                    pg_sys::XactLockTableWait(
+                        xid,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        pg_sys::XLTW_Oper::XLTW_None,
+                    )
                 };
             }
             Recorded::No => match locked.take() {

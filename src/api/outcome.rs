@@ -26,7 +26,10 @@ fn not_held(key: &str, scope: &str) -> ! {
 fn fenced(key: &str, scope: &str, token: i64) -> ! {
     error(
         Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
-        format!("token {token} is no longer current for {}", name_key(key, scope)),
+        format!(
+            "token {token} is no longer current for {}",
+            name_key(key, scope)
+        ),
     )
     .detail("The lease ended and another worker took the key over, or the key was finished.")
     .hint("Stop this attempt: its work belongs to the key's current holder.")
@@ -70,14 +73,21 @@ fn holder(key: &str, scope: &str, token: Option<i64>) -> (Holder, Option<Tid>, O
     }
 }
 
-fn ttl_expiry(key: &str, scope: &str, ttl: Option<pg_sys::Interval>) -> (pg_sys::TimestampTz, pg_sys::TimestampTz) {
+fn ttl_expiry(
+    key: &str,
+    scope: &str,
+    ttl: Option<pg_sys::Interval>,
+) -> (pg_sys::TimestampTz, pg_sys::TimestampTz) {
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     let expires = match ttl {
         Some(iv) => {
             if fmgr::interval_micros(&iv) <= 0 {
-                error(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("ttl for {} must be positive", name_key(key, scope)))
-                    .hint("Pass an interval such as '7 days', or omit ttl to use idempotency.ttl.")
-                    .raise();
+                error(
+                    Code::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("ttl for {} must be positive", name_key(key, scope)),
+                )
+                .hint("Pass an interval such as '7 days', or omit ttl to use idempotency.ttl.")
+                .raise();
             }
             fmgr::timestamptz_plus(now, &iv)
         }
@@ -115,17 +125,27 @@ fn record_outcome(
             locked_until: None,
             lease: None,
         }),
-        (_, Some(at)) => match statements::update_outcome(&at, scope, key, status, result, now, expires) {
-            Some(tid) => tid,
-            None => not_held(key, scope),
-        },
+        (_, Some(at)) => {
+            match statements::update_outcome(&at, scope, key, status, result, now, expires) {
+                Some(tid) => tid,
+                None => not_held(key, scope),
+            }
+        }
         (Holder::Lease, None) => unreachable!("a lease holder's row was found"),
     };
     if let Some(lock) = lock {
         lock.release();
     }
     if let Holder::Transaction(h) = who {
-        held::set(scope, key, Held { finished: true, tid: Some(tid), ..h });
+        held::set(
+            scope,
+            key,
+            Held {
+                finished: true,
+                tid: Some(tid),
+                ..h
+            },
+        );
     }
 }
 
@@ -137,7 +157,15 @@ finfo_v1!(pg_finfo_idem_finish);
 pub unsafe extern "C-unwind" fn idem_finish(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     let args = unsafe { Args::new(fcinfo) };
     let (key, scope) = key_and_scope(&args, 0, 2);
-    record_outcome(c"idem_finish", &key, &scope, args.i64(3), COMPLETED, args.datum(1), args.interval(4));
+    record_outcome(
+        c"idem_finish",
+        &key,
+        &scope,
+        args.i64(3),
+        COMPLETED,
+        args.datum(1),
+        args.interval(4),
+    );
     pg_sys::Datum::from(0usize)
 }
 
@@ -149,8 +177,20 @@ finfo_v1!(pg_finfo_idem_fail);
 pub unsafe extern "C-unwind" fn idem_fail(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     let args = unsafe { Args::new(fcinfo) };
     let (key, scope) = key_and_scope(&args, 0, 2);
-    let status = if args.bool(3).unwrap_or(true) { RELEASED } else { FAILED };
-    record_outcome(c"idem_fail", &key, &scope, args.i64(4), status, args.datum(1), None);
+    let status = if args.bool(3).unwrap_or(true) {
+        RELEASED
+    } else {
+        FAILED
+    };
+    record_outcome(
+        c"idem_fail",
+        &key,
+        &scope,
+        args.i64(4),
+        status,
+        args.datum(1),
+        None,
+    );
     pg_sys::Datum::from(0usize)
 }
 
@@ -171,17 +211,27 @@ pub unsafe extern "C-unwind" fn idem_checkpoint(fcinfo: pg_sys::FunctionCallInfo
     // A claim by key lock has no row yet: the recovery point is written
     // with the outcome.
     let tid = match at {
-        Some(at) => match statements::update_checkpoint(&at, &scope, &key, recovery_point.as_deref(), now) {
-            Some(tid) => Some(tid),
-            None => not_held(&key, &scope),
-        },
+        Some(at) => {
+            match statements::update_checkpoint(&at, &scope, &key, recovery_point.as_deref(), now) {
+                Some(tid) => Some(tid),
+                None => not_held(&key, &scope),
+            }
+        }
         None => None,
     };
     if let Some(lock) = lock {
         lock.release();
     }
     if let Holder::Transaction(h) = who {
-        held::set(&scope, &key, Held { recovery_point, tid, ..h });
+        held::set(
+            &scope,
+            &key,
+            Held {
+                recovery_point,
+                tid,
+                ..h
+            },
+        );
     }
     pg_sys::Datum::from(0usize)
 }

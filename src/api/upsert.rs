@@ -16,7 +16,11 @@ struct Call {
 
 fn not_null<T>(v: Option<T>, what: &str) -> T {
     v.unwrap_or_else(|| {
-        error(Code::ERRCODE_NULL_VALUE_NOT_ALLOWED, format!("{what} must not be NULL")).raise()
+        error(
+            Code::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!("{what} must not be NULL"),
+        )
+        .raise()
     })
 }
 
@@ -27,7 +31,9 @@ fn object_keys(row: pg_sys::Datum) -> Option<Vec<(String, bool)>> {
         let jb = pg_sys::pg_detoast_datum(row.cast_mut_ptr()) as *mut pg_sys::Jsonb;
         let mut it = pg_sys::JsonbIteratorInit(&mut (*jb).root);
         let mut v = pg_sys::JsonbValue::default();
-        if pg_sys::JsonbIteratorNext(&mut it, &mut v, true) != pg_sys::JsonbIteratorToken::WJB_BEGIN_OBJECT {
+        if pg_sys::JsonbIteratorNext(&mut it, &mut v, true)
+            != pg_sys::JsonbIteratorToken::WJB_BEGIN_OBJECT
+        {
             return None;
         }
         let mut keys = Vec::new();
@@ -54,27 +60,37 @@ fn object_keys(row: pg_sys::Datum) -> Option<Vec<(String, bool)>> {
 fn prepare_call(args: &Args, what: &str) -> Call {
     let relid = pg_sys::Oid::from(not_null(args.datum(0), "target").value() as u32);
     let row = not_null(args.datum(1), "row");
-    let conflict_arg: Option<Vec<Option<String>>> =
-        args.datum(2).and_then(|d| unsafe { Vec::<Option<String>>::from_datum(d, false) });
+    let conflict_arg: Option<Vec<Option<String>>> = args
+        .datum(2)
+        .and_then(|d| unsafe { Vec::<Option<String>>::from_datum(d, false) });
     let target = target::target(relid);
     let name = &target.name;
 
     let Some(entries) = object_keys(row) else {
-        error(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("the row for {what} into {name} is not a JSON object"))
-            .hint("Pass an object of column => value, such as '{\"id\": 1, \"name\": \"a\"}'.")
-            .raise();
+        error(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("the row for {what} into {name} is not a JSON object"),
+        )
+        .hint("Pass an object of column => value, such as '{\"id\": 1, \"name\": \"a\"}'.")
+        .raise();
     };
     if entries.is_empty() {
-        error(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("the row for {what} into {name} has no columns"))
-            .hint("Pass an object of column => value, such as '{\"id\": 1, \"name\": \"a\"}'.")
-            .raise();
+        error(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("the row for {what} into {name} has no columns"),
+        )
+        .hint("Pass an object of column => value, such as '{\"id\": 1, \"name\": \"a\"}'.")
+        .raise();
     }
     let mut columns: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
     for c in &columns {
         if target.column(c).is_none() {
-            error(Code::ERRCODE_UNDEFINED_COLUMN, format!("column \"{c}\" of relation {name} does not exist"))
-                .hint("The keys of row must be column names of the target, spelled exactly.")
-                .raise();
+            error(
+                Code::ERRCODE_UNDEFINED_COLUMN,
+                format!("column \"{c}\" of relation {name} does not exist"),
+            )
+            .hint("The keys of row must be column names of the target, spelled exactly.")
+            .raise();
         }
     }
     columns.sort();
@@ -82,9 +98,12 @@ fn prepare_call(args: &Args, what: &str) -> Call {
     let mut conflict: Vec<String> = match conflict_arg {
         None => match target.primary_key() {
             Some(pk) => pk.columns.clone(),
-            None => error(Code::ERRCODE_INVALID_COLUMN_REFERENCE, format!("{name} has no primary key"))
-                .hint("Pass conflict_columns naming the columns of a unique index.")
-                .raise(),
+            None => error(
+                Code::ERRCODE_INVALID_COLUMN_REFERENCE,
+                format!("{name} has no primary key"),
+            )
+            .hint("Pass conflict_columns naming the columns of a unique index.")
+            .raise(),
         },
         Some(list) => list
             .into_iter()
@@ -95,9 +114,12 @@ fn prepare_call(args: &Args, what: &str) -> Call {
     conflict.dedup();
     for c in &conflict {
         if target.column(c).is_none() {
-            error(Code::ERRCODE_UNDEFINED_COLUMN, format!("column \"{c}\" of relation {name} does not exist"))
-                .hint("conflict_columns must name columns of the target.")
-                .raise();
+            error(
+                Code::ERRCODE_UNDEFINED_COLUMN,
+                format!("column \"{c}\" of relation {name} does not exist"),
+            )
+            .hint("conflict_columns must name columns of the target.")
+            .raise();
         }
     }
     let unique = target.unique_keys.iter().any(|k| {
@@ -132,7 +154,12 @@ fn prepare_call(args: &Args, what: &str) -> Call {
             Some(_) => {}
         }
     }
-    Call { target, row, columns, conflict }
+    Call {
+        target,
+        row,
+        columns,
+        conflict,
+    }
 }
 
 /// Runs the call's statement; returns the first row's int4 columns (or the
@@ -145,7 +172,10 @@ fn run(call: &Call, kind: Kind) -> Vec<i32> {
         let nulls = [b' ' as std::ffi::c_char];
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
         if rc < 0 {
-            pgrx::error!("the statement for {} failed: SPI code {rc}", call.target.name);
+            pgrx::error!(
+                "the statement for {} failed: SPI code {rc}",
+                call.target.name
+            );
         }
         let table = pg_sys::SPI_tuptable;
         let out = if kind == Kind::Upsert && !table.is_null() && pg_sys::SPI_processed == 1 {
@@ -191,7 +221,10 @@ pub unsafe extern "C-unwind" fn idem_upsert(fcinfo: pg_sys::FunctionCallInfo) ->
     }
     error(
         Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
-        format!("could not upsert into {}: the row kept changing", call.target.name),
+        format!(
+            "could not upsert into {}: the row kept changing",
+            call.target.name
+        ),
     )
     .hint("Retry the transaction.")
     .raise()
@@ -203,7 +236,9 @@ finfo_v1!(pg_finfo_idem_insert_once);
 /// when it inserted; an existing conflicting row is never changed.
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn idem_insert_once(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn idem_insert_once(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     let _entered = target::enter();
     let args = unsafe { Args::new(fcinfo) };
     let call = prepare_call(&args, "idem_insert_once");

@@ -13,13 +13,25 @@ pub type Tid = pg_sys::ItemPointerData;
 
 /// Inserts `values`/`nulls` (one per column) into `heap`, and `key` (the
 /// index's column values) into its primary key `index`.
-pub fn insert(heap: pg_sys::Oid, index: pg_sys::Oid, values: &mut [pg_sys::Datum], nulls: &mut [bool], key: &mut [pg_sys::Datum; 2]) -> Tid {
+pub fn insert(
+    heap: pg_sys::Oid,
+    index: pg_sys::Oid,
+    values: &mut [pg_sys::Datum],
+    nulls: &mut [bool],
+    key: &mut [pg_sys::Datum; 2],
+) -> Tid {
     unsafe {
         let rel = pg_sys::table_open(heap, pg_sys::RowExclusiveLock as i32);
         check_still_plain(rel);
         let idx = pg_sys::index_open(index, pg_sys::RowExclusiveLock as i32);
         let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
-        pg_sys::heap_insert(rel, tuple, pg_sys::GetCurrentCommandId(true), 0, std::ptr::null_mut());
+        pg_sys::heap_insert(
+            rel,
+            tuple,
+            pg_sys::GetCurrentCommandId(true),
+            0,
+            std::ptr::null_mut(),
+        );
         let info = pg_sys::BuildIndexInfo(idx);
         let mut key_nulls = [false, false];
         pg_sys::index_insert(
@@ -48,9 +60,14 @@ pub fn insert(heap: pg_sys::Oid, index: pg_sys::Oid, values: &mut [pg_sys::Datum
 unsafe fn check_still_plain(rel: pg_sys::Relation) {
     unsafe {
         let indexes = pg_sys::RelationGetIndexList(rel);
-        let count = if indexes.is_null() { 0 } else { (*indexes).length };
+        let count = if indexes.is_null() {
+            0
+        } else {
+            (*indexes).length
+        };
         if (*(*rel).rd_rel).relhastriggers || count != 1 {
-            let name = std::ffi::CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
+            let name =
+                std::ffi::CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
             crate::errors::error(
                 pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("idempotency.{name} has triggers or indexes besides its primary key"),
@@ -98,15 +115,31 @@ pub fn insert_key_row(row: &KeyRow) -> Tid {
     set(a.status, Some(pg_sys::Datum::from(row.status as i8)));
     set(a.attempt, Some(pg_sys::Datum::from(row.attempt)));
     set(a.token, row.token.map(pg_sys::Datum::from));
-    set(a.fingerprint, row.fingerprint.and_then(|f| (&f[..]).into_datum()));
+    set(
+        a.fingerprint,
+        row.fingerprint.and_then(|f| (&f[..]).into_datum()),
+    );
     set(a.result, row.result);
-    set(a.recovery_point, row.recovery_point.and_then(|r| r.into_datum()));
+    set(
+        a.recovery_point,
+        row.recovery_point.and_then(|r| r.into_datum()),
+    );
     set(a.created_at, Some(pg_sys::Datum::from(row.created_at)));
     set(a.finished_at, row.finished_at.map(pg_sys::Datum::from));
     set(a.expires_at, row.expires_at.map(pg_sys::Datum::from));
     set(a.locked_until, row.locked_until.map(pg_sys::Datum::from));
-    set(a.lease, row.lease.map(|iv| pg_sys::Datum::from(iv as *const pg_sys::Interval)));
-    insert(cat.keys, cat.pkey, &mut values, &mut nulls, &mut [scope, key])
+    set(
+        a.lease,
+        row.lease
+            .map(|iv| pg_sys::Datum::from(iv as *const pg_sys::Interval)),
+    );
+    insert(
+        cat.keys,
+        cat.pkey,
+        &mut values,
+        &mut nulls,
+        &mut [scope, key],
+    )
 }
 
 /// Records a key in the `idem_once` ledger.
@@ -117,9 +150,19 @@ pub fn insert_once_row(scope: &str, key: &str, recorded_at: pg_sys::TimestampTz)
     let key = key.into_datum().expect("text datum");
     let mut values = vec![pg_sys::Datum::from(0usize); cat.once_natts];
     let mut nulls = vec![true; cat.once_natts];
-    for (i, d) in cat.once_att.into_iter().zip([scope, key, pg_sys::Datum::from(recorded_at)]) {
+    for (i, d) in cat
+        .once_att
+        .into_iter()
+        .zip([scope, key, pg_sys::Datum::from(recorded_at)])
+    {
         values[i] = d;
         nulls[i] = false;
     }
-    insert(cat.once, cat.once_pkey, &mut values, &mut nulls, &mut [scope, key])
+    insert(
+        cat.once,
+        cat.once_pkey,
+        &mut values,
+        &mut nulls,
+        &mut [scope, key],
+    )
 }

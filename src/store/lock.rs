@@ -60,19 +60,29 @@ impl KeyLock {
     pub fn try_acquire(space: Space, scope: &str, key: &str) -> Option<KeyLock> {
         let tag = tag_for(space, scope, key);
         let owner = unsafe { pg_sys::CurTransactionResourceOwner };
-        let got = as_owner(owner, || unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, true) });
+        let got = as_owner(owner, || unsafe {
+            pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, true)
+        });
         (got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL).then_some(KeyLock { tag, owner })
     }
 
     /// Waits at most until `deadline` for the lock.
-    pub fn acquire_until(space: Space, scope: &str, key: &str, deadline: pg_sys::TimestampTz) -> Option<KeyLock> {
+    pub fn acquire_until(
+        space: Space,
+        scope: &str,
+        key: &str,
+        deadline: pg_sys::TimestampTz,
+    ) -> Option<KeyLock> {
         let tag = tag_for(space, scope, key);
         // Taken inside a subtransaction whose commit hands the lock to the
         // transaction's own resource owner, so that is the one to release it.
         super::wait::bounded(deadline, || unsafe {
             pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, false);
         })
-        .then_some(KeyLock { tag, owner: unsafe { pg_sys::CurTransactionResourceOwner } })
+        .then_some(KeyLock {
+            tag,
+            owner: unsafe { pg_sys::CurTransactionResourceOwner },
+        })
     }
 
     /// Keeps the lock to the end of the (sub)transaction: in transaction

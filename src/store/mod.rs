@@ -90,9 +90,12 @@ pub fn catalog() -> Catalog {
 }
 
 fn missing(what: &str) -> ! {
-    crate::errors::error(pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("{what} is missing"))
-        .hint("Reinstall the extension: DROP EXTENSION idempotency; CREATE EXTENSION idempotency;")
-        .raise()
+    crate::errors::error(
+        pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+        format!("{what} is missing"),
+    )
+    .hint("Reinstall the extension: DROP EXTENSION idempotency; CREATE EXTENSION idempotency;")
+    .raise()
 }
 
 /// The table's column count, dropped columns included. (That the table

@@ -39,7 +39,10 @@ pub enum Seen {
     /// No row: the key was never begun, or its row was purged.
     Absent,
     /// Another open transaction inserted or is updating the row.
-    Busy { xid: pg_sys::TransactionId, row: Row },
+    Busy {
+        xid: pg_sys::TransactionId,
+        row: Row,
+    },
     /// Another open transaction is deleting the row (a purge).
     Deleting { xid: pg_sys::TransactionId },
     /// The row as committed, or as this transaction left it.
@@ -60,7 +63,13 @@ struct Version {
 
 /// Visits every version of (scope, key) in `heap` that a dirty snapshot
 /// sees, through the primary key `index`.
-fn scan(heap: pg_sys::Oid, index: pg_sys::Oid, scope: &str, key: &str, mut visit: impl FnMut(*mut pg_sys::TupleTableSlot, Version)) {
+fn scan(
+    heap: pg_sys::Oid,
+    index: pg_sys::Oid,
+    scope: &str,
+    key: &str,
+    mut visit: impl FnMut(*mut pg_sys::TupleTableSlot, Version),
+) {
     unsafe {
         let heap = pg_sys::table_open(heap, pg_sys::AccessShareLock as i32);
         let index = pg_sys::index_open(index, pg_sys::AccessShareLock as i32);
@@ -95,7 +104,10 @@ fn scan(heap: pg_sys::Oid, index: pg_sys::Oid, scope: &str, key: &str, mut visit
             let version = Version {
                 inserting: snapshot.xmin,
                 changing: snapshot.xmax,
-                deleting: pg_sys::ItemPointerEquals(&t_self as *const _ as *mut _, &t_ctid as *const _ as *mut _),
+                deleting: pg_sys::ItemPointerEquals(
+                    &t_self as *const _ as *mut _,
+                    &t_ctid as *const _ as *mut _,
+                ),
                 own: pg_sys::TransactionIdIsCurrentTransactionId(xmin),
             };
             visit(slot, version);
@@ -113,12 +125,18 @@ pub fn probe(scope: &str, key: &str) -> Seen {
     scan(cat.keys, cat.pkey, scope, key, |slot, v| {
         let this = unsafe {
             if v.inserting != pg_sys::InvalidTransactionId {
-                Seen::Busy { xid: v.inserting, row: read_row(slot, &cat.att, false, false) }
+                Seen::Busy {
+                    xid: v.inserting,
+                    row: read_row(slot, &cat.att, false, false),
+                }
             } else if v.changing != pg_sys::InvalidTransactionId {
                 if v.deleting {
                     Seen::Deleting { xid: v.changing }
                 } else {
-                    Seen::Busy { xid: v.changing, row: read_row(slot, &cat.att, false, false) }
+                    Seen::Busy {
+                        xid: v.changing,
+                        row: read_row(slot, &cat.att, false, false),
+                    }
                 }
             } else {
                 Seen::Found(read_row(slot, &cat.att, v.own, true))
@@ -149,7 +167,11 @@ pub fn probe_once(scope: &str, key: &str) -> Recorded {
     let cat = catalog();
     let mut seen = Recorded::No;
     scan(cat.once, cat.once_pkey, scope, key, |_, v| {
-        let other = if v.inserting != pg_sys::InvalidTransactionId { v.inserting } else { v.changing };
+        let other = if v.inserting != pg_sys::InvalidTransactionId {
+            v.inserting
+        } else {
+            v.changing
+        };
         seen = match seen {
             Recorded::Busy(x) => Recorded::Busy(x),
             _ if other != pg_sys::InvalidTransactionId => Recorded::Busy(other),
@@ -161,7 +183,12 @@ pub fn probe_once(scope: &str, key: &str) -> Recorded {
 
 /// `with_result` is false for rows of open transactions: their result is not
 /// ours to read (and its TOAST chunks may not be visible).
-unsafe fn read_row(slot: *mut pg_sys::TupleTableSlot, att: &Attnums, own: bool, with_result: bool) -> Row {
+unsafe fn read_row(
+    slot: *mut pg_sys::TupleTableSlot,
+    att: &Attnums,
+    own: bool,
+    with_result: bool,
+) -> Row {
     unsafe {
         pg_sys::slot_getallattrs(slot);
         let values = (*slot).tts_values;
@@ -179,8 +206,11 @@ unsafe fn read_row(slot: *mut pg_sys::TupleTableSlot, att: &Attnums, own: bool, 
             let bytes = pgrx::varlena::varlena_to_byte_slice(v);
             <[u8; 32]>::try_from(bytes).ok()
         });
-        let recovery_point = get(att.recovery_point)
-            .map(|d| pgrx::varlena::text_to_rust_str(pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr())).unwrap_or_default().to_string());
+        let recovery_point = get(att.recovery_point).map(|d| {
+            pgrx::varlena::text_to_rust_str(pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr()))
+                .unwrap_or_default()
+                .to_string()
+        });
         Row {
             status: get(att.status).map(|d| d.value() as u8).unwrap_or(0),
             attempt: get(att.attempt).map(|d| d.value() as i32).unwrap_or(0),

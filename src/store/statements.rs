@@ -32,7 +32,9 @@ const THIS_ROW: &str = "WHERE ctid OPERATOR(pg_catalog.=) $1 \
 const UPDATE_CLAIM: &str = "UPDATE idempotency.keys SET status = 'p', attempt = $4, \
      fingerprint = $5, recovery_point = $6, created_at = COALESCE($7, created_at), \
      locked_until = $8, token = $9, lease = $10, result = NULL, finished_at = NULL, expires_at = NULL";
-const CLAIM_TYPES: &[pg_sys::Oid] = &[TID, TEXT, TEXT, INT4, BYTEA, TEXT, TSTZ, TSTZ, INT8, INTERVAL];
+const CLAIM_TYPES: &[pg_sys::Oid] = &[
+    TID, TEXT, TEXT, INT4, BYTEA, TEXT, TSTZ, TSTZ, INT8, INTERVAL,
+];
 
 /// The outcome: completed, failed, or released for a retry.
 const UPDATE_OUTCOME: &str = "UPDATE idempotency.keys SET status = $4, result = $5, \
@@ -60,7 +62,10 @@ fn sql_of(stmt: Stmt) -> (String, &'static [pg_sys::Oid]) {
     match stmt {
         Stmt::UpdateClaim => (format!("{UPDATE_CLAIM} {THIS_ROW}"), CLAIM_TYPES),
         Stmt::UpdateOutcome => (format!("{UPDATE_OUTCOME} {THIS_ROW}"), UPDATE_OUTCOME_TYPES),
-        Stmt::UpdateCheckpoint => (format!("{UPDATE_CHECKPOINT} {THIS_ROW}"), UPDATE_CHECKPOINT_TYPES),
+        Stmt::UpdateCheckpoint => (
+            format!("{UPDATE_CHECKPOINT} {THIS_ROW}"),
+            UPDATE_CHECKPOINT_TYPES,
+        ),
         Stmt::NextToken => (NEXT_TOKEN.to_string(), &[]),
     }
 }
@@ -118,10 +123,14 @@ fn execute(stmt: Stmt, params: &[Param]) -> (u64, First) {
     unsafe {
         pg_sys::SPI_connect();
         let plan = plan(stmt);
-        let mut values: Vec<pg_sys::Datum> =
-            params.iter().map(|p| p.unwrap_or(pg_sys::Datum::from(0usize))).collect();
-        let nulls: Vec<std::ffi::c_char> =
-            params.iter().map(|p| if p.is_some() { b' ' } else { b'n' } as std::ffi::c_char).collect();
+        let mut values: Vec<pg_sys::Datum> = params
+            .iter()
+            .map(|p| p.unwrap_or(pg_sys::Datum::from(0usize)))
+            .collect();
+        let nulls: Vec<std::ffi::c_char> = params
+            .iter()
+            .map(|p| if p.is_some() { b' ' } else { b'n' } as std::ffi::c_char)
+            .collect();
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
         if rc < 0 {
             pgrx::error!("idempotency statement failed: SPI code {rc}");
@@ -195,7 +204,9 @@ impl Claim<'_> {
             fingerprint: self.fingerprint,
             result: None,
             recovery_point: self.recovery_point,
-            created_at: self.created_at.unwrap_or_else(|| unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }),
+            created_at: self
+                .created_at
+                .unwrap_or_else(|| unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }),
             finished_at: None,
             expires_at: None,
             locked_until: self.locked_until,
@@ -214,7 +225,8 @@ impl Claim<'_> {
             int8(self.created_at),
             int8(self.locked_until),
             int8(self.token),
-            self.lease.map(|iv| pg_sys::Datum::from(iv as *const pg_sys::Interval)),
+            self.lease
+                .map(|iv| pg_sys::Datum::from(iv as *const pg_sys::Interval)),
         ]
     }
 }
@@ -222,7 +234,10 @@ impl Claim<'_> {
 /// Turns the row at `at` into a claim; None when the row is gone, changed,
 /// or not visible to this transaction's snapshot.
 pub fn update_claim(at: &Tid, scope: &str, key: &str, claim: &Claim) -> Option<Tid> {
-    written(execute(Stmt::UpdateClaim, &claim.params(tid(at), scope, key)))
+    written(execute(
+        Stmt::UpdateClaim,
+        &claim.params(tid(at), scope, key),
+    ))
 }
 
 /// Stores the outcome of a claim held by the caller.
@@ -255,7 +270,13 @@ pub fn update_checkpoint(
     recovery_point: Option<&str>,
     now: pg_sys::TimestampTz,
 ) -> Option<Tid> {
-    let params = [tid(at), text(scope), text(key), opt_text(recovery_point), int8(Some(now))];
+    let params = [
+        tid(at),
+        text(scope),
+        text(key),
+        opt_text(recovery_point),
+        int8(Some(now)),
+    ];
     written(execute(Stmt::UpdateCheckpoint, &params))
 }
 

@@ -14,7 +14,10 @@ use pgrx::PgSqlErrorCode;
 
 /// Runs `wait` (a lock wait) with `lock_timeout` set to what is left until
 /// `deadline`; true when it returned, false when the time ran out.
-pub fn bounded(deadline: pg_sys::TimestampTz, wait: impl FnOnce() + std::panic::UnwindSafe) -> bool {
+pub fn bounded(
+    deadline: pg_sys::TimestampTz,
+    wait: impl FnOnce() + std::panic::UnwindSafe,
+) -> bool {
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     if now >= deadline {
         return false;
@@ -27,7 +30,11 @@ pub fn bounded(deadline: pg_sys::TimestampTz, wait: impl FnOnce() + std::panic::
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(old_context);
         // A shorter lock_timeout of the caller's own still applies.
-        pg_sys::LockTimeout = if old_timeout > 0 { old_timeout.min(left_ms) } else { left_ms };
+        pg_sys::LockTimeout = if old_timeout > 0 {
+            old_timeout.min(left_ms)
+        } else {
+            left_ms
+        };
         PgTryBuilder::new(|| {
             wait();
             // Committing the subtransaction hands a lock it took to the
@@ -35,10 +42,13 @@ pub fn bounded(deadline: pg_sys::TimestampTz, wait: impl FnOnce() + std::panic::
             pg_sys::ReleaseCurrentSubTransaction();
             true
         })
-        .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_: CaughtError| {
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
-            false
-        })
+        .catch_when(
+            PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+            |_: CaughtError| {
+                pg_sys::RollbackAndReleaseCurrentSubTransaction();
+                false
+            },
+        )
         // Any other error (a cancel, statement_timeout, a deadlock) must not
         // leave the internal subtransaction open: roll it back, then let the
         // error abort the caller's (sub)transaction as usual.
@@ -58,7 +68,12 @@ pub fn bounded(deadline: pg_sys::TimestampTz, wait: impl FnOnce() + std::panic::
 /// Waits until transaction `xid` ends or `deadline` passes.
 pub fn wait_for_transaction(xid: pg_sys::TransactionId, deadline: pg_sys::TimestampTz) {
     bounded(deadline, || unsafe {
-        pg_sys::XactLockTableWait(xid, std::ptr::null_mut(), std::ptr::null_mut(), pg_sys::XLTW_Oper::XLTW_None);
+        pg_sys::XactLockTableWait(
+            xid,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            pg_sys::XLTW_Oper::XLTW_None,
+        );
     });
 }
 

@@ -71,15 +71,22 @@ pub fn load(relid: pg_sys::Oid) -> Target {
             .and_then(|t| t.first().get_one::<pgrx::JsonB>().ok().flatten())
     });
     let Some(pgrx::JsonB(d)) = described else {
-        error(Code::ERRCODE_UNDEFINED_TABLE, format!("relation with OID {} does not exist", relid.to_u32())).raise();
+        error(
+            Code::ERRCODE_UNDEFINED_TABLE,
+            format!("relation with OID {} does not exist", relid.to_u32()),
+        )
+        .raise();
     };
     let name = d["name"].as_str().unwrap_or_default().to_string();
     let relkind = d["relkind"].as_str().unwrap_or_default();
     if relkind != "r" && relkind != "p" {
-        error(Code::ERRCODE_WRONG_OBJECT_TYPE, format!("\"{name}\" is not a table"))
-            .detail("idem_upsert and idem_insert_once write to tables and partitioned tables only.")
-            .hint("Pass the table behind the view or foreign table.")
-            .raise();
+        error(
+            Code::ERRCODE_WRONG_OBJECT_TYPE,
+            format!("\"{name}\" is not a table"),
+        )
+        .detail("idem_upsert and idem_insert_once write to tables and partitioned tables only.")
+        .hint("Pass the table behind the view or foreign table.")
+        .raise();
     }
     let columns = d["columns"]
         .as_array()
@@ -104,18 +111,31 @@ pub fn load(relid: pg_sys::Oid) -> Target {
                 primary: k["primary"].as_bool().unwrap_or(false),
                 columns: k["columns"]
                     .as_array()
-                    .map(|cs| cs.iter().filter_map(|c| c.as_str().map(str::to_string)).collect())
+                    .map(|cs| {
+                        cs.iter()
+                            .filter_map(|c| c.as_str().map(str::to_string))
+                            .collect()
+                    })
                     .unwrap_or_default(),
             })
             .collect(),
         _ => Vec::new(),
     };
-    Target { relid, name, columns, unique_keys }
+    Target {
+        relid,
+        name,
+        columns,
+        unique_keys,
+    }
 }
 
 fn equality(typid: pg_sys::Oid) -> pg_sys::Oid {
     unsafe {
         let entry = pg_sys::lookup_type_cache(typid, pg_sys::TYPECACHE_EQ_OPR as i32);
-        if entry.is_null() { pg_sys::InvalidOid } else { (*entry).eq_opr }
+        if entry.is_null() {
+            pg_sys::InvalidOid
+        } else {
+            (*entry).eq_opr
+        }
     }
 }

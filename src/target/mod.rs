@@ -67,7 +67,12 @@ unsafe extern "C-unwind" fn on_relcache_inval(_arg: pg_sys::Datum, relid: pg_sys
         } else {
             c.targets.remove(&relid);
         }
-        let gone: Vec<PlanKey> = c.plans.keys().filter(|k| all || k.0 == relid).cloned().collect();
+        let gone: Vec<PlanKey> = c
+            .plans
+            .keys()
+            .filter(|k| all || k.0 == relid)
+            .cloned()
+            .collect();
         for k in gone {
             if let Some(plan) = c.plans.remove(&k) {
                 c.stale.push(plan);
@@ -109,7 +114,12 @@ pub fn target(relid: pg_sys::Oid) -> Rc<Target> {
 }
 
 /// The prepared plan for these columns, built on first use.
-pub fn plan(target: &Target, columns: &[String], conflict: &[String], kind: Kind) -> pg_sys::SPIPlanPtr {
+pub fn plan(
+    target: &Target,
+    columns: &[String],
+    conflict: &[String],
+    kind: Kind,
+) -> pg_sys::SPIPlanPtr {
     let key = (target.relid, columns.to_vec(), conflict.to_vec(), kind);
     if let Some(p) = CACHE.with(|c| c.borrow().plans.get(&key).copied()) {
         return p;

@@ -6,11 +6,18 @@ use std::ffi::{CStr, CString};
 
 pub fn quote_ident(name: &str) -> String {
     let c = CString::new(name).expect("identifiers hold no NUL");
-    unsafe { CStr::from_ptr(pg_sys::quote_identifier(c.as_ptr())).to_string_lossy().into_owned() }
+    unsafe {
+        CStr::from_ptr(pg_sys::quote_identifier(c.as_ptr()))
+            .to_string_lossy()
+            .into_owned()
+    }
 }
 
 fn list(cols: &[String], prefix: &str) -> String {
-    cols.iter().map(|c| format!("{prefix}{}", quote_ident(c))).collect::<Vec<_>>().join(", ")
+    cols.iter()
+        .map(|c| format!("{prefix}{}", quote_ident(c)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `left = right` with the column type's own equality operator, written
@@ -20,15 +27,20 @@ fn list(cols: &[String], prefix: &str) -> String {
 fn equals(target: &Target, column: &str, left: &str, right: &str) -> String {
     let col = target.column(column).expect("columns were checked");
     if col.equality == pg_sys::InvalidOid {
-        return format!(
-            "{left}::pg_catalog.text OPERATOR(pg_catalog.=) {right}::pg_catalog.text"
-        );
+        return format!("{left}::pg_catalog.text OPERATOR(pg_catalog.=) {right}::pg_catalog.text");
     }
     let left_c = CString::new(left).expect("no NUL");
     let right_c = CString::new(right).expect("no NUL");
     unsafe {
         let buf = pg_sys::makeStringInfo();
-        pg_sys::generate_operator_clause(buf, left_c.as_ptr(), col.type_oid, col.equality, right_c.as_ptr(), col.type_oid);
+        pg_sys::generate_operator_clause(
+            buf,
+            left_c.as_ptr(),
+            col.type_oid,
+            col.equality,
+            right_c.as_ptr(),
+            col.type_oid,
+        );
         CStr::from_ptr((*buf).data).to_string_lossy().into_owned()
     }
 }
@@ -54,17 +66,29 @@ fn matches(target: &Target, conflict: &[String]) -> String {
 /// The returned columns are (updated, inserted, existed) counts.
 pub fn build(target: &Target, columns: &[String], conflict: &[String], kind: Kind) -> String {
     let table = &target.name;
-    let overriding = if columns.iter().any(|c| target.column(c).is_some_and(|c| c.identity_always)) {
+    let overriding = if columns
+        .iter()
+        .any(|c| target.column(c).is_some_and(|c| c.identity_always))
+    {
         " OVERRIDING SYSTEM VALUE"
     } else {
         ""
     };
     let cols = list(columns, "");
-    let src = format!("SELECT {} FROM pg_catalog.jsonb_populate_record(NULL::{table}, $1) AS r", list(columns, "r."));
-    let insert = format!("INSERT INTO {table} ({cols}){overriding} SELECT {} FROM src s", list(columns, "s."));
+    let src = format!(
+        "SELECT {} FROM pg_catalog.jsonb_populate_record(NULL::{table}, $1) AS r",
+        list(columns, "r.")
+    );
+    let insert = format!(
+        "INSERT INTO {table} ({cols}){overriding} SELECT {} FROM src s",
+        list(columns, "s.")
+    );
     match kind {
         Kind::InsertOnce => {
-            format!("WITH src AS ({src}) {insert} ON CONFLICT ({}) DO NOTHING", list(conflict, ""))
+            format!(
+                "WITH src AS ({src}) {insert} ON CONFLICT ({}) DO NOTHING",
+                list(conflict, "")
+            )
         }
         Kind::Upsert => {
             let on = matches(target, conflict);
