@@ -9,7 +9,10 @@ use pgrx::IntoDatum;
 
 struct Call {
     target: std::rc::Rc<Target>,
-    row: pg_sys::Datum,
+    /// The statements' parameters: the columns' values in `columns` order,
+    /// or the row itself as one jsonb (see `target::statements::Source`).
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<std::ffi::c_char>,
     columns: Vec<String>,
     conflict: Vec<String>,
 }
@@ -24,9 +27,10 @@ fn not_null<T>(v: Option<T>, what: &str) -> T {
     })
 }
 
-/// The top-level keys of a jsonb object, with whether each value is JSON
-/// null; None when it is not an object.
-fn object_keys(row: pg_sys::Datum) -> Option<Vec<(String, bool)>> {
+/// The top-level keys of a jsonb object with their values (pointing into
+/// the detoasted row, which lives as long as the call); None when it is
+/// not an object.
+fn object_entries(row: pg_sys::Datum) -> Option<Vec<(String, pg_sys::JsonbValue)>> {
     unsafe {
         let jb = pg_sys::pg_detoast_datum(row.cast_mut_ptr()) as *mut pg_sys::Jsonb;
         let mut it = pg_sys::JsonbIteratorInit(&mut (*jb).root);
@@ -42,11 +46,14 @@ fn object_keys(row: pg_sys::Datum) -> Option<Vec<(String, bool)>> {
                 pg_sys::JsonbIteratorToken::WJB_KEY => {
                     let s = v.val.string;
                     let bytes = std::slice::from_raw_parts(s.val as *const u8, s.len as usize);
-                    keys.push((String::from_utf8_lossy(bytes).into_owned(), false));
+                    keys.push((
+                        String::from_utf8_lossy(bytes).into_owned(),
+                        pg_sys::JsonbValue::default(),
+                    ));
                 }
                 pg_sys::JsonbIteratorToken::WJB_VALUE => {
                     if let Some(last) = keys.last_mut() {
-                        last.1 = v.type_ == pg_sys::jbvType::jbvNull;
+                        last.1 = v;
                     }
                 }
                 pg_sys::JsonbIteratorToken::WJB_DONE => break,
@@ -66,7 +73,7 @@ fn prepare_call(args: &Args, what: &str) -> Call {
     let target = target::target(relid);
     let name = &target.name;
 
-    let Some(entries) = object_keys(row) else {
+    let Some(mut entries) = object_entries(row) else {
         error(
             Code::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("the row for {what} into {name} is not a JSON object"),
@@ -82,7 +89,8 @@ fn prepare_call(args: &Args, what: &str) -> Call {
         .hint("Pass an object of column => value, such as '{\"id\": 1, \"name\": \"a\"}'.")
         .raise();
     }
-    let mut columns: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let columns: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
     for c in &columns {
         if target.column(c).is_none() {
             error(
@@ -93,7 +101,6 @@ fn prepare_call(args: &Args, what: &str) -> Call {
             .raise();
         }
     }
-    columns.sort();
 
     let mut conflict: Vec<String> = match conflict_arg {
         None => match target.primary_key() {
@@ -145,7 +152,7 @@ fn prepare_call(args: &Args, what: &str) -> Call {
             )
             .hint("Give every column of conflict_columns (by default the primary key) a value in row.")
             .raise(),
-            Some((_, true)) => error(
+            Some((_, v)) if v.type_ == pg_sys::jbvType::jbvNull => error(
                 Code::ERRCODE_NOT_NULL_VIOLATION,
                 format!("the row for {what} into {name} has NULL for the conflict column \"{c}\""),
             )
@@ -154,45 +161,97 @@ fn prepare_call(args: &Args, what: &str) -> Call {
             Some(_) => {}
         }
     }
+    let (values, nulls) = if target.typed(&columns) {
+        entries
+            .iter_mut()
+            .map(
+                |(name, v)| match convert(target.column(name).expect("columns were checked"), v) {
+                    Some(d) => (d, b' ' as std::ffi::c_char),
+                    None => (pg_sys::Datum::from(0usize), b'n' as std::ffi::c_char),
+                },
+            )
+            .unzip()
+    } else {
+        (vec![row], vec![b' ' as std::ffi::c_char])
+    };
     Call {
         target,
-        row,
+        values,
+        nulls,
         columns,
         conflict,
     }
 }
 
-/// Runs the call's statement; returns the first row's int4 columns (or the
-/// number of rows changed when the statement returns none).
-fn run(call: &Call, kind: Kind) -> Vec<i32> {
-    unsafe {
-        pg_sys::SPI_connect();
-        let plan = target::plan(&call.target, &call.columns, &call.conflict, kind);
-        let mut values = [call.row];
-        let nulls = [b' ' as std::ffi::c_char];
-        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
-        if rc < 0 {
-            pgrx::error!(
-                "the statement for {} failed: SPI code {rc}",
-                call.target.name
-            );
-        }
-        let table = pg_sys::SPI_tuptable;
-        let out = if kind == Kind::Upsert && !table.is_null() && pg_sys::SPI_processed == 1 {
-            let tuple = *(*table).vals;
-            (1..=3)
-                .map(|i| {
-                    let mut isnull = false;
-                    let d = pg_sys::SPI_getbinval(tuple, (*table).tupdesc, i, &mut isnull);
-                    d.value() as i32
-                })
-                .collect()
-        } else {
-            vec![pg_sys::SPI_processed as i32]
-        };
-        pg_sys::SPI_finish();
-        out
+/// One JSON value as a value of `column`, the way `jsonb_populate_record`
+/// turns it into a scalar column; None for JSON null.
+fn convert(column: &target::catalog::Column, v: &mut pg_sys::JsonbValue) -> Option<pg_sys::Datum> {
+    use target::catalog::Conversion;
+    if v.type_ == pg_sys::jbvType::jbvNull {
+        return None;
     }
+    unsafe {
+        match column.conversion.as_ref().expect("typed columns convert") {
+            Conversion::Jsonb => Some(pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(v))),
+            Conversion::Input { function, ioparam } => {
+                let text = match v.type_ {
+                    pg_sys::jbvType::jbvString => {
+                        let s = v.val.string;
+                        pg_sys::pnstrdup(s.val, s.len as usize)
+                    }
+                    pg_sys::jbvType::jbvBool => pg_sys::pstrdup(if v.val.boolean {
+                        c"true".as_ptr()
+                    } else {
+                        c"false".as_ptr()
+                    }),
+                    pg_sys::jbvType::jbvNumeric => pg_sys::OidOutputFunctionCall(
+                        pg_sys::Oid::from(pg_sys::F_NUMERIC_OUT),
+                        pg_sys::Datum::from(v.val.numeric),
+                    ),
+                    _ => {
+                        let b = v.val.binary;
+                        pg_sys::JsonbToCString(std::ptr::null_mut(), b.data, b.len)
+                    }
+                };
+                let function = &**function as *const pg_sys::FmgrInfo as *mut pg_sys::FmgrInfo;
+                Some(pg_sys::InputFunctionCall(
+                    function,
+                    text,
+                    *ioparam,
+                    column.typmod,
+                ))
+            }
+        }
+    }
+}
+
+/// Runs the call's statement of `kind` (SPI connected); returns the number
+/// of rows it changed or found (0 when the statement has nothing to do).
+fn run(call: &Call, kind: Kind) -> u64 {
+    unsafe {
+        match target::plan(&call.target, &call.columns, &call.conflict, kind) {
+            None => 0,
+            Some(plan) => {
+                let values = call.values.as_ptr() as *mut pg_sys::Datum;
+                let rc = pg_sys::SPI_execute_plan(plan, values, call.nulls.as_ptr(), false, 0);
+                if rc < 0 {
+                    pgrx::error!(
+                        "the statement for {} failed: SPI code {rc}",
+                        call.target.name
+                    );
+                }
+                pg_sys::SPI_processed
+            }
+        }
+    }
+}
+
+/// Answers `f`'s result after running it inside one SPI connection.
+fn with_spi<T>(f: impl FnOnce() -> T) -> T {
+    unsafe { pg_sys::SPI_connect() };
+    let out = f();
+    unsafe { pg_sys::SPI_finish() };
+    out
 }
 
 finfo_v1!(pg_finfo_idem_upsert);
@@ -206,17 +265,32 @@ pub unsafe extern "C-unwind" fn idem_upsert(fcinfo: pg_sys::FunctionCallInfo) ->
     let _entered = target::enter();
     let args = unsafe { Args::new(fcinfo) };
     let call = prepare_call(&args, "idem_upsert");
-    // A row inserted by another transaction after this statement's snapshot
-    // makes both branches do nothing while no row was seen; in READ
-    // COMMITTED the next try sees it. (Higher isolation levels raise 40001.)
-    for _ in 0..3 {
-        let counts = run(&call, Kind::Upsert);
-        let answer = match counts.as_slice() {
-            [u, _, _] if *u > 0 => "updated",
-            [_, i, _] if *i > 0 => "inserted",
-            [_, _, e] if *e > 0 => "unchanged",
-            _ => continue,
-        };
+    // The common case costs one statement: an update where a value
+    // differs. An unchanged row is then found by a read, and only a missing
+    // row is inserted. Nothing is written unless something changes, and
+    // every answer was true at some moment during the call: "unchanged"
+    // when a snapshot showed the row with these values, "inserted" or
+    // "updated" when the write happened.
+    //
+    // A row inserted by another transaction after the first statements'
+    // snapshots makes the insert do nothing while no row was seen; in READ
+    // COMMITTED the next round sees it. (Higher isolation levels raise
+    // 40001 from the insert.)
+    let answer = with_spi(|| {
+        for _ in 0..3 {
+            if run(&call, Kind::Update) > 0 {
+                return Some("updated");
+            }
+            if run(&call, Kind::Same) > 0 {
+                return Some("unchanged");
+            }
+            if run(&call, Kind::Insert) > 0 {
+                return Some("inserted");
+            }
+        }
+        None
+    });
+    if let Some(answer) = answer {
         return answer.into_datum().expect("text datum");
     }
     error(
@@ -242,6 +316,6 @@ pub unsafe extern "C-unwind" fn idem_insert_once(
     let _entered = target::enter();
     let args = unsafe { Args::new(fcinfo) };
     let call = prepare_call(&args, "idem_insert_once");
-    let inserted = run(&call, Kind::InsertOnce)[0] == 1;
+    let inserted = with_spi(|| run(&call, Kind::Insert)) == 1;
     pg_sys::Datum::from(inserted)
 }

@@ -13,6 +13,49 @@ pub struct Column {
     /// The type's default equality operator, or InvalidOid (values then
     /// compare as text).
     pub equality: pg_sys::Oid,
+    pub typmod: i32,
+    /// How a JSON value becomes this column's value without
+    /// `jsonb_populate_record`; None for arrays, composites, domains and
+    /// json, which only `jsonb_populate_record` converts.
+    pub conversion: Option<Conversion>,
+}
+
+/// A JSON value to a column value, as `jsonb_populate_record` does it for
+/// scalar types: JSON null is NULL; a jsonb column takes the value itself;
+/// any other type gets the string (unquoted), the number or boolean as
+/// text, or the nested object's text, through its input function with the
+/// column's type modifier.
+pub enum Conversion {
+    Jsonb,
+    Input {
+        function: Box<pg_sys::FmgrInfo>,
+        ioparam: pg_sys::Oid,
+    },
+}
+
+fn conversion(typid: pg_sys::Oid) -> Option<Conversion> {
+    unsafe {
+        if typid == pg_sys::JSONBOID {
+            return Some(Conversion::Jsonb);
+        }
+        let typtype = pg_sys::get_typtype(typid) as u8;
+        let scalar = (typtype == pg_sys::TYPTYPE_BASE
+            || typtype == pg_sys::TYPTYPE_ENUM
+            || typtype == pg_sys::TYPTYPE_RANGE
+            || typtype == pg_sys::TYPTYPE_MULTIRANGE)
+            && pg_sys::get_element_type(typid) == pg_sys::InvalidOid
+            && typid != pg_sys::JSONOID;
+        if !scalar {
+            return None;
+        }
+        let (mut func, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+        pg_sys::getTypeInputInfo(typid, &mut func, &mut ioparam);
+        // Input functions may cache in fn_mcxt; the entry lives as long as
+        // the backend's view of the table.
+        let mut function = Box::new(pg_sys::FmgrInfo::default());
+        pg_sys::fmgr_info_cxt(func, &mut *function, pg_sys::TopMemoryContext);
+        Some(Conversion::Input { function, ioparam })
+    }
 }
 
 pub struct UniqueKey {
@@ -33,6 +76,14 @@ impl Target {
         self.columns.iter().find(|c| c.name == name)
     }
 
+    /// Whether every one of `columns` converts without
+    /// `jsonb_populate_record`, so statements can take typed parameters.
+    pub fn typed(&self, columns: &[String]) -> bool {
+        columns
+            .iter()
+            .all(|c| self.column(c).is_some_and(|c| c.conversion.is_some()))
+    }
+
     pub fn primary_key(&self) -> Option<&UniqueKey> {
         self.unique_keys.iter().find(|k| k.primary)
     }
@@ -45,7 +96,7 @@ const DESCRIBE: &str = "SELECT pg_catalog.jsonb_build_object(
     'name', pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname),
     'columns', (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
                     'name', a.attname, 'type', a.atttypid::pg_catalog.int8,
-                    'identity', a.attidentity) ORDER BY a.attnum)
+                    'identity', a.attidentity, 'typmod', a.atttypmod) ORDER BY a.attnum)
                   FROM pg_catalog.pg_attribute a
                  WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0
                    AND NOT a.attisdropped),
@@ -99,6 +150,8 @@ pub fn load(relid: pg_sys::Oid) -> Target {
                         type_oid,
                         identity_always: c["identity"].as_str() == Some("a"),
                         equality: equality(type_oid),
+                        typmod: c["typmod"].as_i64().unwrap_or(-1) as i32,
+                        conversion: conversion(type_oid),
                     }
                 })
                 .collect()

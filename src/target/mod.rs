@@ -4,9 +4,11 @@
 //! columns) and thrown away when the table changes.
 //!
 //! Statements are built from identifiers Postgres quotes (`quote_identifier`)
-//! and take the row as one bound jsonb parameter, turned into the table's
-//! row type by `jsonb_populate_record`, so every value goes through its
-//! column type's own input function and no value is ever spliced into SQL.
+//! and take the row's values as bound parameters of the columns' own types,
+//! each made by the type's input function as `jsonb_populate_record` makes
+//! it; a row with an array, composite, domain or json column is bound as one
+//! jsonb parameter turned into the table's row type by
+//! `jsonb_populate_record` itself. No value is ever spliced into SQL.
 pub mod catalog;
 pub mod statements;
 
@@ -19,8 +21,12 @@ pub use catalog::Target;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Kind {
-    Upsert,
-    InsertOnce,
+    /// Update the conflicting row where a value differs.
+    Update,
+    /// Find the conflicting row holding these values.
+    Same,
+    /// Insert unless a row conflicts.
+    Insert,
 }
 
 type PlanKey = (pg_sys::Oid, Vec<String>, Vec<String>, Kind);
@@ -28,7 +34,7 @@ type PlanKey = (pg_sys::Oid, Vec<String>, Vec<String>, Kind);
 #[derive(Default)]
 struct Cache {
     targets: HashMap<pg_sys::Oid, Rc<Target>>,
-    plans: HashMap<PlanKey, pg_sys::SPIPlanPtr>,
+    plans: HashMap<PlanKey, Option<pg_sys::SPIPlanPtr>>,
     /// Plans of changed tables, freed at the next outermost call: an
     /// invalidation can arrive while one of them is running.
     stale: Vec<pg_sys::SPIPlanPtr>,
@@ -74,7 +80,7 @@ unsafe extern "C-unwind" fn on_relcache_inval(_arg: pg_sys::Datum, relid: pg_sys
             .cloned()
             .collect();
         for k in gone {
-            if let Some(plan) = c.plans.remove(&k) {
+            if let Some(Some(plan)) = c.plans.remove(&k) {
                 c.stale.push(plan);
             }
         }
@@ -113,19 +119,21 @@ pub fn target(relid: pg_sys::Oid) -> Rc<Target> {
     t
 }
 
-/// The prepared plan for these columns, built on first use.
+/// The prepared plan for these columns, built on first use; None when the
+/// statement has nothing to do (see `statements::build`).
 pub fn plan(
     target: &Target,
     columns: &[String],
     conflict: &[String],
     kind: Kind,
-) -> pg_sys::SPIPlanPtr {
+) -> Option<pg_sys::SPIPlanPtr> {
     let key = (target.relid, columns.to_vec(), conflict.to_vec(), kind);
     if let Some(p) = CACHE.with(|c| c.borrow().plans.get(&key).copied()) {
         return p;
     }
-    let sql = statements::build(target, columns, conflict, kind);
-    let plan = crate::store::statements::prepare_kept(&sql, &[pg_sys::JSONBOID]);
+    let plan = statements::build(target, columns, conflict, kind).map(|sql| {
+        crate::store::statements::prepare_kept(&sql, &statements::parameter_types(target, columns))
+    });
     CACHE.with(|c| c.borrow_mut().plans.insert(key, plan));
     plan
 }

@@ -1,5 +1,5 @@
-//! The SQL text of the statements run against a target table. `$1` is the
-//! row as jsonb; everything else is a quoted identifier.
+//! The SQL text of the statements run against a target table. Values come
+//! in as parameters (see `Source`); everything else is a quoted identifier.
 use super::{Kind, Target};
 use pgrx::pg_sys;
 use std::ffi::{CStr, CString};
@@ -45,96 +45,148 @@ fn equals(target: &Target, column: &str, left: &str, right: &str) -> String {
     }
 }
 
-fn matches(target: &Target, conflict: &[String]) -> String {
+/// Where a statement reads the row's values: the `$n` parameters of
+/// their own types when every column converts directly (`Target::typed`),
+/// else the columns of `jsonb_populate_record(NULL::table, $1) AS s`.
+struct Source<'a> {
+    columns: &'a [String],
+    typed: bool,
+}
+
+impl Source<'_> {
+    fn value(&self, column: &str) -> String {
+        if self.typed {
+            let n = self
+                .columns
+                .iter()
+                .position(|c| c == column)
+                .expect("a column of the row");
+            format!("${}", n + 1)
+        } else {
+            format!("s.{}", quote_ident(column))
+        }
+    }
+
+    /// The FROM item that provides `s`, if any.
+    fn from(&self, table: &str) -> Option<String> {
+        (!self.typed).then(|| format!("pg_catalog.jsonb_populate_record(NULL::{table}, $1) AS s"))
+    }
+}
+
+/// `t.c = <value>` for every conflict column: the existing row that conflicts.
+fn matches(target: &Target, src: &Source, conflict: &[String]) -> String {
     conflict
         .iter()
+        .map(|c| equals(target, c, &format!("t.{}", quote_ident(c)), &src.value(c)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// True when every column of `columns` holds the row's value in `t` (NULL
+/// counts as equal to NULL), spelled with the qualified operators.
+fn same(target: &Target, src: &Source, columns: &[&String]) -> String {
+    if columns.is_empty() {
+        return "true".to_string();
+    }
+    columns
+        .iter()
         .map(|c| {
-            let q = quote_ident(c);
-            equals(target, c, &format!("t.{q}"), &format!("s.{q}"))
+            let (t, s) = (format!("t.{}", quote_ident(c)), src.value(c));
+            format!(
+                "(({t} IS NULL AND {s} IS NULL) OR COALESCE({}, false))",
+                equals(target, c, &t, &s)
+            )
         })
         .collect::<Vec<_>>()
         .join(" AND ")
 }
 
-/// The statement for `columns` (the row's keys, sorted) with `conflict` as
-/// the unique key.
+/// The statement of `kind` for `columns` (the row's keys, sorted) with
+/// `conflict` as the unique key; None when `kind` has nothing to do (an
+/// update of a row whose every column is a conflict column).
 ///
-/// Upsert, in one statement with one snapshot: `upd` changes the existing
-/// row only where a value differs, `ins` inserts when no row conflicts, and
-/// the outer SELECT reports which happened and whether a row existed.
-/// An unchanged row is neither updated nor locked: no new version, no WAL.
-/// The returned columns are (updated, inserted, existed) counts.
-pub fn build(target: &Target, columns: &[String], conflict: &[String], kind: Kind) -> String {
+/// An upsert runs at most three of them, each a single plain statement
+/// (see `api::upsert`): `Update` changes the conflicting row only where a
+/// value differs, so an unchanged row gets no new version and no lock;
+/// `Same` finds the conflicting row holding these values; `Insert` inserts
+/// unless a row conflicts.
+pub fn build(
+    target: &Target,
+    columns: &[String],
+    conflict: &[String],
+    kind: Kind,
+) -> Option<String> {
     let table = &target.name;
-    let overriding = if columns
-        .iter()
-        .any(|c| target.column(c).is_some_and(|c| c.identity_always))
-    {
-        " OVERRIDING SYSTEM VALUE"
-    } else {
-        ""
+    let src = Source {
+        columns,
+        typed: target.typed(columns),
     };
-    let cols = list(columns, "");
-    let src = format!(
-        "SELECT {} FROM pg_catalog.jsonb_populate_record(NULL::{table}, $1) AS r",
-        list(columns, "r.")
-    );
-    let insert = format!(
-        "INSERT INTO {table} ({cols}){overriding} SELECT {} FROM src s",
-        list(columns, "s.")
-    );
+    let updated: Vec<&String> = columns.iter().filter(|c| !conflict.contains(c)).collect();
+    let on = matches(target, &src, conflict);
     match kind {
-        Kind::InsertOnce => {
-            format!(
-                "WITH src AS ({src}) {insert} ON CONFLICT ({}) DO NOTHING",
-                list(conflict, "")
-            )
-        }
-        Kind::Upsert => {
-            let on = matches(target, conflict);
-            let updated: Vec<&String> = columns.iter().filter(|c| !conflict.contains(c)).collect();
-            let upd = if updated.is_empty() {
-                "SELECT 1 WHERE false".to_string()
+        Kind::Insert => {
+            let overriding = if columns
+                .iter()
+                .any(|c| target.column(c).is_some_and(|c| c.identity_always))
+            {
+                " OVERRIDING SYSTEM VALUE"
             } else {
-                let set = updated
-                    .iter()
-                    .map(|c| {
-                        let q = quote_ident(c);
-                        format!("{q} = s.{q}")
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                // IS DISTINCT FROM, spelled with the qualified operator.
-                let differs = updated
-                    .iter()
-                    .map(|c| {
-                        let q = quote_ident(c);
-                        let (t, s) = (format!("t.{q}"), format!("s.{q}"));
-                        format!(
-                            "NOT (({t} IS NULL AND {s} IS NULL) OR COALESCE({}, false))",
-                            equals(target, c, &t, &s)
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" OR ");
-                format!("UPDATE {table} AS t SET {set} FROM src s WHERE {on} AND ({differs}) RETURNING 1")
+                ""
             };
-            // `ins` needs no NOT EXISTS: ON CONFLICT DO NOTHING checks the
-            // unique index before inserting and writes nothing on a match
-            // (the row `upd` just updated included). Whether a row existed
-            // is asked only when neither changed anything (an unused
-            // initplan is never run).
-            format!(
-                "WITH src AS ({src}), \
-                 upd AS ({upd}), \
-                 ins AS ({insert} ON CONFLICT ({}) DO NOTHING RETURNING 1) \
-                 SELECT u, i, CASE WHEN u OPERATOR(pg_catalog.=) 0 AND i OPERATOR(pg_catalog.=) 0 \
-                                   THEN (SELECT pg_catalog.count(*) FROM {table} t, src s WHERE {on})::pg_catalog.int4 \
-                                   ELSE 0 END \
-                   FROM (SELECT (SELECT pg_catalog.count(*) FROM upd)::pg_catalog.int4 AS u, \
-                                (SELECT pg_catalog.count(*) FROM ins)::pg_catalog.int4 AS i) AS c",
+            let values = columns
+                .iter()
+                .map(|c| src.value(c))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let rows = match src.from(table) {
+                Some(from) => format!("SELECT {values} FROM {from}"),
+                None => format!("VALUES ({values})"),
+            };
+            Some(format!(
+                "INSERT INTO {table} ({}){overriding} {rows} ON CONFLICT ({}) DO NOTHING",
+                list(columns, ""),
                 list(conflict, "")
-            )
+            ))
         }
+        Kind::Update => {
+            if updated.is_empty() {
+                return None;
+            }
+            let set = updated
+                .iter()
+                .map(|c| format!("{} = {}", quote_ident(c), src.value(c)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let from = src
+                .from(table)
+                .map(|f| format!(" FROM {f}"))
+                .unwrap_or_default();
+            Some(format!(
+                "UPDATE {table} AS t SET {set}{from} WHERE {on} AND NOT ({})",
+                same(target, &src, &updated)
+            ))
+        }
+        Kind::Same => {
+            let from = src
+                .from(table)
+                .map(|f| format!(", {f}"))
+                .unwrap_or_default();
+            Some(format!(
+                "SELECT FROM {table} AS t{from} WHERE {on} AND {}",
+                same(target, &src, &updated)
+            ))
+        }
+    }
+}
+
+/// The parameter types of the statements for `columns`.
+pub fn parameter_types(target: &Target, columns: &[String]) -> Vec<pg_sys::Oid> {
+    if target.typed(columns) {
+        columns
+            .iter()
+            .map(|c| target.column(c).expect("columns were checked").type_oid)
+            .collect()
+    } else {
+        vec![pg_sys::JSONBOID]
     }
 }

@@ -205,3 +205,34 @@ ALTER SCHEMA before_rename RENAME TO after_rename;
 SELECT idem_upsert('after_rename.t', '{"id": 1, "v": 2}');
 SELECT * FROM after_rename.t;
 DROP SCHEMA after_rename CASCADE;
+
+-- A row of scalar columns is bound value by value, each through its type's
+-- input function; the values are exactly what jsonb_populate_record makes.
+CREATE TABLE scalars (id int PRIMARY KEY, short varchar(3), fixed char(3), amount numeric(5, 2),
+  flag boolean, label text, doc jsonb, span int4range, wait interval, at timestamptz, mood mood);
+CREATE TEMP TABLE inputs (n int, r jsonb);
+INSERT INTO inputs VALUES
+  (1, '{"id": 1, "short": "ab", "fixed": "x", "amount": 1.005, "flag": "t", "label": 12.50, "doc": "plain",
+        "span": "[1,5)", "wait": "1 day", "at": "2024-01-01 12:00+02", "mood": "sad"}'),
+  (2, '{"id": "2", "short": null, "fixed": "abc", "amount": "3", "flag": true, "label": {"b": 1, "a": [true]},
+        "doc": {"n": 1.50}, "span": "empty", "wait": "PT1H", "at": "2024-06-01T00:00:00Z", "mood": "happy"}'),
+  (3, '{"id": 3, "label": false, "doc": [1, "two", null], "flag": "yes", "amount": -0.5, "span": [1, 2]}');
+SELECT n, idem_upsert('scalars', r) FROM inputs ORDER BY n;
+SELECT * FROM scalars ORDER BY id;
+SELECT n, s::text = jsonb_populate_record(NULL::scalars, i.r)::text AS as_populate_record
+  FROM inputs i JOIN scalars s ON s.id = (i.r->>'id')::int ORDER BY n;
+-- The same rows again change nothing.
+SELECT n, idem_upsert('scalars', r) FROM inputs ORDER BY n;
+-- Values that do not fit fail with their type's own error; nothing is written.
+SELECT idem_upsert('scalars', '{"id": 4, "short": "abcd"}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('scalars', '{"id": 4, "amount": 1000}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('scalars', '{"id": 4.5}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('scalars', '{"id": 1, "mood": "angry"}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_insert_once('scalars', '{"id": 4, "at": "soon"}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT count(*) AS rows, count(*) FILTER (WHERE mood = 'sad') AS still_sad FROM scalars;
+DROP TABLE scalars;
