@@ -12,7 +12,7 @@ use crate::errors::{error, name_key, Code};
 use crate::fmgr::{self, finfo_v1, Args};
 use crate::held::{self, Held};
 use crate::store::direct;
-use crate::store::lock::{KeyLock, Space};
+use crate::store::lock::{self, KeyLock, Space};
 use crate::store::probe::{probe, Row, Seen};
 use crate::store::statements::{self, Claim};
 use crate::store::wait::{sleep_until, wait_for_transaction};
@@ -171,14 +171,14 @@ fn begin(
     // another transaction than the claim's), so a wait on a lease re-reads
     // the key, every 1 ms at first and every 50 ms at most.
     let mut lease_poll: i64 = 1_000;
-    // The first look is taken without the key lock, so that a finished key
-    // (a duplicate delivery, the common case) costs one index lookup and no
-    // lock. Otherwise each round tries the key lock and then looks at the
-    // key (again). With the lock, the look decides and a claim may follow.
-    // Without it (someone is claiming the key, or holds it by its lock), the
-    // look still answers a finished key, and otherwise the key is in
-    // progress.
-    let mut first = true;
+    // The first look may be taken without the key lock (see
+    // `lock::look_first`), so that a finished key (a duplicate delivery)
+    // costs one index lookup and no lock. Otherwise each round tries the key
+    // lock and then looks at the key (again). With the lock, the look
+    // decides and a claim may follow. Without it (someone is claiming the
+    // key, or holds it by its lock), the look still answers a finished key,
+    // and otherwise the key is in progress.
+    let mut first = lock::look_first(Space::Keys);
     loop {
         let now = clock();
         let lock = if first {
@@ -199,6 +199,7 @@ fn begin(
                 if differs(row.fingerprint.as_ref(), fingerprint.as_ref()) {
                     return Answer::Mismatch;
                 }
+                lock::learn(Space::Keys, true);
                 return replay(row);
             }
         }
@@ -239,6 +240,7 @@ fn begin(
         }
         match seen {
             Seen::Absent => {
+                lock::learn(Space::Keys, false);
                 if lease.is_none() && held::take_lock_claim() {
                     // The lock is the claim: nothing is written until
                     // idem_finish or idem_fail, and a rollback leaves nothing.

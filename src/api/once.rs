@@ -2,7 +2,7 @@
 use crate::api::{check_writable, key_and_scope};
 use crate::fmgr::{finfo_v1, Args};
 use crate::store::direct;
-use crate::store::lock::{KeyLock, Space};
+use crate::store::lock::{self, KeyLock, Space};
 use crate::store::probe::{probe_once, Recorded};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -28,13 +28,16 @@ pub unsafe extern "C-unwind" fn idem_once(fcinfo: pg_sys::FunctionCallInfo) -> p
 /// lock makes look-then-insert atomic among callers, and a key another open
 /// transaction is recording is waited for, then looked at again.
 fn record(scope: &str, key: &str, now: pg_sys::TimestampTz) -> bool {
-    let mut locked: Option<KeyLock> = None;
+    // Look first, or lock first: see `lock::look_first`.
+    let mut locked =
+        (!lock::look_first(Space::Once)).then(|| KeyLock::acquire(Space::Once, scope, key));
     loop {
         match probe_once(scope, key) {
             Recorded::Yes => {
                 if let Some(lock) = locked {
                     lock.release();
                 }
+                lock::learn(Space::Once, true);
                 return false;
             }
             Recorded::Busy(xid) => {
@@ -53,6 +56,7 @@ fn record(scope: &str, key: &str, now: pg_sys::TimestampTz) -> bool {
             Recorded::No => match locked.take() {
                 None => locked = Some(KeyLock::acquire(Space::Once, scope, key)),
                 Some(lock) => {
+                    lock::learn(Space::Once, false);
                     direct::insert_once_row(scope, key, now);
                     lock.release();
                     return true;
