@@ -149,5 +149,5 @@ impl Space {
 }
 
 thread_local! {
-    static HABIT: [std::cell::Cell<u8>; 2] = [std::cell::Cell::new(2), std::cell::Cell::new(2)];
+    static HABIT: [std::cell::Cell<u8>; 2] = const { [std::cell::Cell::new(2), std::cell::Cell::new(2)] };
 }
