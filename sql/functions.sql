@@ -3,18 +3,23 @@
 -- idempotency schema. Their statements qualify every operator, so a caller's
 -- search_path cannot change their meaning.
 
+-- idem_begin's row is a named type rather than OUT parameters: the executor
+-- then takes its shape from the type cache instead of rebuilding it from
+-- the function's catalog entry on every call.
+CREATE TYPE idem_begin_result AS (
+    status text,
+    result jsonb,
+    attempt integer,
+    recovery_point text,
+    token bigint);
+
 CREATE FUNCTION idem_begin(
     key text,
     request jsonb DEFAULT NULL,
     scope text DEFAULT '',
     lease interval DEFAULT NULL,
-    wait interval DEFAULT '0',
-    OUT status text,
-    OUT result jsonb,
-    OUT attempt integer,
-    OUT recovery_point text,
-    OUT token bigint)
-RETURNS record
+    wait interval DEFAULT '0')
+RETURNS idem_begin_result
 LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 AS 'MODULE_PATHNAME', 'idem_begin';
 COMMENT ON FUNCTION idem_begin IS 'Claim an idempotency key: started, completed, failed, in_progress or mismatch';
