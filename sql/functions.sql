@@ -1,6 +1,8 @@
 -- The public SQL surface. Each C function is implemented in src/api/.
--- Functions that write are SECURITY DEFINER: callers need no rights on the
--- idempotency schema. Their statements qualify every operator, so a caller's
+-- Callers need no rights on the idempotency schema: the C functions read and
+-- insert rows without SQL and run their prepared statements as the key
+-- table's owner (src/store/statements.rs); idem_get and idem_purge are
+-- SECURITY DEFINER. Every statement qualifies its operators, so a caller's
 -- search_path cannot change their meaning.
 
 -- idem_begin's row is a named type rather than OUT parameters: the executor
@@ -20,7 +22,7 @@ CREATE FUNCTION idem_begin(
     lease interval DEFAULT NULL,
     wait interval DEFAULT '0')
 RETURNS idem_begin_result
-LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+LANGUAGE c VOLATILE PARALLEL UNSAFE
 AS 'MODULE_PATHNAME', 'idem_begin';
 COMMENT ON FUNCTION idem_begin IS 'Claim an idempotency key: started, completed, failed, in_progress or mismatch';
 
@@ -31,7 +33,7 @@ CREATE FUNCTION idem_finish(
     token bigint DEFAULT NULL,
     ttl interval DEFAULT NULL)
 RETURNS void
-LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+LANGUAGE c VOLATILE PARALLEL UNSAFE
 AS 'MODULE_PATHNAME', 'idem_finish';
 COMMENT ON FUNCTION idem_finish IS 'Store the result of a key this transaction (or this token) holds';
 
@@ -42,7 +44,7 @@ CREATE FUNCTION idem_fail(
     retryable boolean DEFAULT true,
     token bigint DEFAULT NULL)
 RETURNS void
-LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+LANGUAGE c VOLATILE PARALLEL UNSAFE
 AS 'MODULE_PATHNAME', 'idem_fail';
 COMMENT ON FUNCTION idem_fail IS 'Release a held key for a retry, or store a permanent failure';
 
@@ -52,13 +54,13 @@ CREATE FUNCTION idem_checkpoint(
     scope text DEFAULT '',
     token bigint DEFAULT NULL)
 RETURNS void
-LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+LANGUAGE c VOLATILE PARALLEL UNSAFE
 AS 'MODULE_PATHNAME', 'idem_checkpoint';
 COMMENT ON FUNCTION idem_checkpoint IS 'Record a recovery point for a held key and renew its lease';
 
 CREATE FUNCTION idem_once(key text, scope text DEFAULT '')
 RETURNS boolean
-LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+LANGUAGE c VOLATILE PARALLEL UNSAFE
 AS 'MODULE_PATHNAME', 'idem_once';
 COMMENT ON FUNCTION idem_once IS 'Record a key in the deduplication ledger: true the first time, false after';
 

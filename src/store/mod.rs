@@ -27,6 +27,9 @@ pub const RELEASED: u8 = b'r';
 #[derive(Clone, Copy)]
 pub struct Catalog {
     pub keys: pg_sys::Oid,
+    /// The role that owns the key table (the extension's owner): the
+    /// prepared statements run as it, as SECURITY DEFINER functions would.
+    pub owner: pg_sys::Oid,
     pub pkey: pg_sys::Oid,
     pub att: Attnums,
     /// Columns of `idempotency.keys`, dropped ones included.
@@ -102,11 +105,17 @@ fn missing(what: &str) -> ! {
 /// has no trigger and only its primary key, which `direct` relies on, is
 /// checked on every insert, with the table locked.)
 unsafe fn column_count(table: pg_sys::Oid) -> usize {
+    unsafe { shape(table).0 }
+}
+
+/// The table's column count (dropped columns included) and owner.
+unsafe fn shape(table: pg_sys::Oid) -> (usize, pg_sys::Oid) {
     unsafe {
         let rel = pg_sys::table_open(table, pg_sys::AccessShareLock as i32);
         let natts = (*(*rel).rd_att).natts as usize;
+        let owner = (*(*rel).rd_rel).relowner;
         pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
-        natts
+        (natts, owner)
     }
 }
 
@@ -125,10 +134,12 @@ unsafe fn lookup() -> Catalog {
         let once = rel(c"once");
         let once_pkey = rel(c"once_pkey");
         let att = |name: &std::ffi::CStr| pg_sys::get_attnum(keys, name.as_ptr());
+        let (natts, owner) = shape(keys);
         Catalog {
             keys,
+            owner,
             pkey,
-            natts: column_count(keys),
+            natts,
             once,
             once_pkey,
             once_natts: column_count(once),

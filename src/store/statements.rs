@@ -119,7 +119,34 @@ enum First {
     Int8(i64),
 }
 
+/// Runs `f` as the key table's owner, like the body of a SECURITY DEFINER
+/// function: the caller needs no rights on the `idempotency` schema. The
+/// caller's role comes back when `f` returns or unwinds (and an aborted
+/// (sub)transaction restores it too).
+fn as_owner<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(pg_sys::Oid, i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        }
+    }
+    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            super::catalog().owner,
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+    }
+    let _restore = Restore(user, context);
+    f()
+}
+
 fn execute(stmt: Stmt, params: &[Param]) -> (u64, First) {
+    as_owner(|| execute_as_owner(stmt, params))
+}
+
+fn execute_as_owner(stmt: Stmt, params: &[Param]) -> (u64, First) {
     unsafe {
         pg_sys::SPI_connect();
         let plan = plan(stmt);

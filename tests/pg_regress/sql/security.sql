@@ -17,6 +17,32 @@ SELECT idem_finish('app:1', '{"done": true}');
 COMMIT;
 SELECT status, result FROM idem_begin('app:1', '{"a": 1}');
 SELECT status, result FROM idem_get('app:1');
+-- The paths that run prepared statements (lease claims and their fencing
+-- tokens, checkpoints, retryable failures, claim rows past the lock budget)
+-- run them as the tables' owner and hand the caller's role back.
+SELECT token AS lease_token FROM idem_begin('app:lease', lease => '1 minute') \gset
+SELECT :lease_token > 0 AS has_token;
+SELECT idem_checkpoint('app:lease', 'step-1', token => :lease_token);
+SELECT idem_finish('app:lease', '{"sent": true}', token => :lease_token);
+SELECT status, result FROM idem_begin('app:lease');
+SELECT current_user;
+BEGIN;
+SELECT count(*) FILTER (WHERE status = 'started') AS started
+  FROM generate_series(1, 12) g, idem_begin('app:many:' || g);
+SELECT count(idem_finish('app:many:' || g, to_jsonb(g))) AS finished FROM generate_series(1, 12) g;
+COMMIT;
+SELECT count(*) FILTER (WHERE status = 'completed') AS completed
+  FROM generate_series(1, 12) g, idem_begin('app:many:' || g);
+BEGIN;
+SELECT status FROM idem_begin('app:retry');
+SELECT idem_fail('app:retry', retryable => true);
+COMMIT;
+BEGIN;
+SELECT status, attempt FROM idem_begin('app:retry');
+SELECT idem_finish('app:retry');
+COMMIT;
+SELECT idem_once('app:event') AS first, idem_once('app:event') AS again;
+SELECT current_user;
 SELECT count(*) FROM idempotency.keys;
 \echo :LAST_ERROR_SQLSTATE
 DELETE FROM idempotency.keys;
@@ -36,8 +62,12 @@ SELECT status FROM idem_begin('app:2');
 SELECT 'app:1'::text = 'anything'::text AS evil_equals;
 SELECT idem_finish('app:2', '2');
 COMMIT;
+-- A lease claim and its finish run prepared statements, here under the
+-- hostile path.
+SELECT token AS evil_token FROM idem_begin('app:3', lease => '1 minute') \gset
+SELECT idem_finish('app:3', '3', token => :evil_token);
 RESET search_path;
 RESET ROLE;
-SELECT key, result FROM idempotency.keys WHERE key LIKE 'app:%' ORDER BY key;
+SELECT key, result FROM idempotency.keys WHERE key IN ('app:1', 'app:2', 'app:3') ORDER BY key;
 DROP SCHEMA evil CASCADE;
 DROP ROLE idem_app;
