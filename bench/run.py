@@ -23,7 +23,7 @@ MODES = {
     # seconds per run, rounds, clients, scale keys
     "smoke": dict(seconds=2, rounds=1, clients=2, scale_keys=10_000),
     "quick": dict(seconds=10, rounds=3, clients=4, scale_keys=1_000_000),
-    "full": dict(seconds=30, rounds=5, clients=4, scale_keys=10_000_000),
+    "full": dict(seconds=15, rounds=10, clients=4, scale_keys=10_000_000),
 }
 
 
