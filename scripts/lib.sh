@@ -64,8 +64,10 @@ install_extension() {
 # user, listening only on a socket in DIR. Test clusters skip fsync; the
 # bench profile keeps it and sizes memory and WAL like a small server, with
 # synchronous_commit off so that the figures measure CPU work rather than the
-# disk's flush latency, which every variant pays alike. Prints nothing on
-# success.
+# disk's flush latency, which every variant pays alike, and autovacuum off:
+# the runner vacuums and analyzes between runs, and a worker waking in the
+# middle of one variant's run would charge it to that variant. Prints
+# nothing on success.
 start_cluster() {
     local dir=$1 port=$2 profile=${3:-test}
     stop_cluster "$dir"
@@ -85,6 +87,7 @@ shared_buffers = 2GB
 synchronous_commit = off
 max_wal_size = 16GB
 checkpoint_timeout = 30min
+autovacuum = off
 CONF
     else
         echo "fsync = off" >>"$dir/data/postgresql.conf"
