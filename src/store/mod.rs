@@ -101,14 +101,9 @@ fn missing(what: &str) -> ! {
     .raise()
 }
 
-/// The table's column count, dropped columns included. (That the table
-/// has no trigger and only its primary key, which `direct` relies on, is
-/// checked on every insert, with the table locked.)
-unsafe fn column_count(table: pg_sys::Oid) -> usize {
-    unsafe { shape(table).0 }
-}
-
-/// The table's column count (dropped columns included) and owner.
+/// The table's column count (dropped columns included) and owner. (That
+/// the table has no trigger and only its primary key, which `direct` relies
+/// on, is checked on every insert, with the table locked.)
 unsafe fn shape(table: pg_sys::Oid) -> (usize, pg_sys::Oid) {
     unsafe {
         let rel = pg_sys::table_open(table, pg_sys::AccessShareLock as i32);
@@ -142,7 +137,7 @@ unsafe fn lookup() -> Catalog {
             natts,
             once,
             once_pkey,
-            once_natts: column_count(once),
+            once_natts: shape(once).0,
             once_att: [c"scope", c"key", c"recorded_at"]
                 .map(|name| pg_sys::get_attnum(once, name.as_ptr()) as usize - 1),
             att: Attnums {
