@@ -1,6 +1,7 @@
 -- The stored keys. Applications never write here directly: the idem_*
--- functions do, as the extension's owner (SECURITY DEFINER). PUBLIC gets no
--- access at all, since results may hold what a request returned.
+-- functions do, without SQL or through statements run as the extension's
+-- owner. PUBLIC gets no access at all, since results may hold what a request
+-- returned.
 CREATE SCHEMA idempotency;
 COMMENT ON SCHEMA idempotency IS 'Stored idempotency keys; written only through the idem_* functions';
 REVOKE ALL ON SCHEMA idempotency FROM PUBLIC;

@@ -1,8 +1,8 @@
 //! The statements that update `idempotency.keys` (new rows are inserted by
 //! `direct`), prepared once per backend and kept (`SPI_keepplan`); Postgres' plan cache
-//! re-plans them by itself when a table changes. Operators are
-//! schema-qualified so that a caller's `search_path` cannot change what they
-//! mean inside SECURITY DEFINER code.
+//! re-plans them by itself when a table changes. They run as the tables'
+//! owner (`as_table_owner`) under the caller's `search_path`, so every
+//! operator is schema-qualified: the path cannot change what they mean.
 //!
 //! Updates address the row by its TID (`ctid = $n`), which the probe or the
 //! previous write returned: a TID scan has no plan to get wrong, whatever the
@@ -123,7 +123,7 @@ enum First {
 /// function: the caller needs no rights on the `idempotency` schema. The
 /// caller's role comes back when `f` returns or unwinds (and an aborted
 /// (sub)transaction restores it too).
-fn as_owner<T>(f: impl FnOnce() -> T) -> T {
+fn as_table_owner<T>(f: impl FnOnce() -> T) -> T {
     struct Restore(pg_sys::Oid, i32);
     impl Drop for Restore {
         fn drop(&mut self) {
@@ -143,7 +143,7 @@ fn as_owner<T>(f: impl FnOnce() -> T) -> T {
 }
 
 fn execute(stmt: Stmt, params: &[Param]) -> (u64, First) {
-    as_owner(|| execute_as_owner(stmt, params))
+    as_table_owner(|| execute_as_owner(stmt, params))
 }
 
 fn execute_as_owner(stmt: Stmt, params: &[Param]) -> (u64, First) {
