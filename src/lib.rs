@@ -1,28 +1,24 @@
 //! `idempotency`: safe retries for PostgreSQL.
 //!
 //! The public surface is the `idem_*` functions declared in `sql/functions.sql`;
-//! this crate implements them. Where things live:
+//! this crate implements them, one folder for each section of the README:
 //!
-//! - `api/`: one module per SQL entry point family (argument checks, results).
-//! - `store/`: the key table: the dirty-snapshot probe, the per-key claim lock
-//!   and the prepared statements that write rows.
-//! - `target/`: the caller's tables for the upsert helpers: their columns and
-//!   unique keys, the statements built for them and their cached plans.
-//! - `held.rs`: the keys this transaction holds, kept in step with savepoints
-//!   and checked at COMMIT.
-//! - `canonical.rs`: RFC 8785 canonical JSON and SHA-256 fingerprints.
-//! - `settings.rs`: the `idempotency.*` settings.
-//! - `errors.rs`: errors with SQLSTATE, key, detail and hint.
+//! - `keys/`: the key ledger (`idem_begin`, `idem_finish`, `idem_fail`,
+//!   `idem_checkpoint`) and the keys a transaction holds.
+//! - `once/`: the deduplication ledger (`idem_once`).
+//! - `ledger/`: what both ledgers share: key arguments, their tables, the
+//!   dirty-snapshot lookup, the per-key lock, inserts and bounded waits.
+//! - `upsert/`: `idem_upsert` and `idem_insert_once` on the caller's tables.
+//! - `canonical/`: RFC 8785 canonical JSON and SHA-256 fingerprints.
+//! - `pg/`: glue to PostgreSQL: function calls, errors, settings.
 use pgrx::prelude::*;
 
-mod api;
 mod canonical;
-mod errors;
-mod fmgr;
-mod held;
-mod settings;
-mod store;
-mod target;
+mod keys;
+mod ledger;
+mod once;
+mod pg;
+mod upsert;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -32,10 +28,10 @@ extension_sql_file!("../sql/functions.sql", name = "functions", finalize);
 #[allow(non_snake_case)]
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    settings::init();
-    held::init();
-    store::init();
-    target::init();
+    pg::settings::init();
+    keys::held::init();
+    ledger::tables::init();
+    upsert::init();
 }
 
 /// Unit tests inside Postgres (`cargo pgrx test`). Each runs in its own

@@ -12,7 +12,7 @@
 //! above an aborted subtransaction's are exactly what it (and its committed
 //! children) did. Nothing is logged at the top level, so a batch of 100 000
 //! keys costs one map entry each and no log.
-use crate::errors::{error, name_key, Code};
+use crate::pg::errors::{error, name_key, Code};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::RefCell;

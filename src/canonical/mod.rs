@@ -3,6 +3,8 @@
 //! formatted as ECMAScript's `Number.prototype.toString` does, strings with
 //! the minimal escaping of `JSON.stringify`. The fingerprint of a value is the
 //! lowercase hex SHA-256 of the UTF-8 bytes of its canonical text.
+pub mod sql;
+
 use serde_json::{Number, Value};
 use sha2::{Digest, Sha256};
 use std::fmt::Write;

@@ -1,8 +1,8 @@
 //! `idem_canonical` and `idem_fingerprint`, and the fingerprint of a
 //! `request` argument.
 use crate::canonical::{self, CanonError};
-use crate::errors::{error, name_key, Code};
-use crate::fmgr::{finfo_v1, Args};
+use crate::pg::errors::{error, name_key, Code};
+use crate::pg::fmgr::{finfo_v1, Args};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::IntoDatum;
@@ -75,6 +75,6 @@ finfo_v1!(pg_finfo_idem_check_key);
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn idem_check_key(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     let args = unsafe { Args::new(fcinfo) };
-    crate::api::key_and_scope(&args, 0, 1);
+    crate::ledger::key_and_scope(&args, 0, 1);
     pg_sys::Datum::from(true)
 }

@@ -1,6 +1,7 @@
 //! The SQL text of the statements run against a target table. Values come
 //! in as parameters (see `Source`); everything else is a quoted identifier.
-use super::{Kind, Target};
+use super::cache::Kind;
+use super::table::Target;
 use pgrx::pg_sys;
 use std::ffi::{CStr, CString};
 

@@ -1,17 +1,5 @@
-//! The key table `idempotency.keys` (created in `sql/schema.sql`).
-//!
-//! - `probe`: reads a key's newest row version, committed or not, straight
-//!   from the primary-key index, to tell "someone else holds it" apart from
-//!   "it is free" without waiting.
-//! - `lock`: the short per-key lock that makes probe-then-write atomic.
-//! - `statements`: the prepared statements that update rows.
-//! - `direct`: inserts without SQL, for the hot paths.
-//! - `wait`: bounded waits for a key's holder.
-pub mod direct;
-pub mod lock;
-pub mod probe;
-pub mod statements;
-pub mod wait;
+//! The extension's own tables, `idempotency.keys` and `idempotency.once`
+//! (created in `sql/schema.sql`): where they are and what they look like.
 
 use pgrx::pg_sys;
 use std::cell::Cell;
@@ -93,7 +81,7 @@ pub fn catalog() -> Catalog {
 }
 
 fn missing(what: &str) -> ! {
-    crate::errors::error(
+    crate::pg::errors::error(
         pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
         format!("{what} is missing"),
     )

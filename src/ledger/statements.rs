@@ -221,8 +221,8 @@ pub struct Claim<'a> {
 
 impl Claim<'_> {
     /// The claim as a new row of `idempotency.keys`.
-    pub fn row<'a>(&'a self, scope: &'a str, key: &'a str) -> super::direct::KeyRow<'a> {
-        super::direct::KeyRow {
+    pub fn row<'a>(&'a self, scope: &'a str, key: &'a str) -> super::insert::KeyRow<'a> {
+        super::insert::KeyRow {
             scope,
             key,
             status: super::IN_PROGRESS,

@@ -1,9 +1,9 @@
 //! `idem_once`: the deduplication ledger for side effects and webhooks.
-use crate::api::{check_writable, key_and_scope};
-use crate::fmgr::{finfo_v1, Args};
-use crate::store::direct;
-use crate::store::lock::{self, KeyLock, Space};
-use crate::store::probe::{probe_once, Recorded};
+use crate::ledger::insert;
+use crate::ledger::lock::{self, KeyLock, Space};
+use crate::ledger::probe::{probe_once, Recorded};
+use crate::ledger::{check_writable, key_and_scope};
+use crate::pg::fmgr::{finfo_v1, Args};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -57,7 +57,7 @@ fn record(scope: &str, key: &str, now: pg_sys::TimestampTz) -> bool {
                 None => locked = Some(KeyLock::acquire(Space::Once, scope, key)),
                 Some(lock) => {
                     lock::learn(Space::Once, false);
-                    direct::insert_once_row(scope, key, now);
+                    insert::insert_once_row(scope, key, now);
                     lock.release();
                     return true;
                 }

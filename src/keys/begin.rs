@@ -6,17 +6,17 @@
 //! transactions see the uncommitted row through the probe and answer
 //! `in_progress`. In lease mode the row carries `locked_until` and a fencing
 //! token, and others answer `in_progress` until the lease ends.
-use crate::api::json::fingerprint_of_jsonb;
-use crate::api::{check_writable, key_and_scope};
-use crate::errors::{error, name_key, Code};
-use crate::fmgr::{self, finfo_v1, Args};
-use crate::held::{self, Held};
-use crate::store::direct;
-use crate::store::lock::{self, KeyLock, Space};
-use crate::store::probe::{probe, Row, Seen};
-use crate::store::statements::{self, Claim};
-use crate::store::wait::{sleep_until, wait_for_transaction};
-use crate::store::{COMPLETED, FAILED, IN_PROGRESS, RELEASED};
+use crate::canonical::sql::fingerprint_of_jsonb;
+use crate::keys::held::{self, Held};
+use crate::ledger::insert;
+use crate::ledger::lock::{self, KeyLock, Space};
+use crate::ledger::probe::{probe, Row, Seen};
+use crate::ledger::statements::{self, Claim};
+use crate::ledger::wait::{sleep_until, wait_for_transaction};
+use crate::ledger::{check_writable, key_and_scope};
+use crate::ledger::{COMPLETED, FAILED, IN_PROGRESS, RELEASED};
+use crate::pg::errors::{error, name_key, Code};
+use crate::pg::fmgr::{self, finfo_v1, Args};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -270,7 +270,7 @@ fn begin(
                     lease,
                     now,
                 );
-                let tid = direct::insert_key_row(&claim.row(scope, key));
+                let tid = insert::insert_key_row(&claim.row(scope, key));
                 lock.release();
                 return started(scope, key, claim, fingerprint, tid);
             }

@@ -1,16 +1,16 @@
 //! `idem_finish`, `idem_fail` and `idem_checkpoint`: what the holder of a key
 //! records. In transaction mode the holder is the transaction that began the
 //! key; in lease mode it is whoever presents the current fencing token.
-use crate::api::{check_writable, key_and_scope};
-use crate::errors::{error, name_key, Code};
-use crate::fmgr::{self, finfo_v1, Args};
-use crate::held::{self, Held};
-use crate::settings;
-use crate::store::direct::{self, KeyRow};
-use crate::store::lock::{KeyLock, Space};
-use crate::store::probe::{probe, Seen};
-use crate::store::statements::{self, Tid};
-use crate::store::{COMPLETED, FAILED, IN_PROGRESS, RELEASED};
+use crate::keys::held::{self, Held};
+use crate::ledger::insert::{self as direct, KeyRow};
+use crate::ledger::lock::{KeyLock, Space};
+use crate::ledger::probe::{probe, Seen};
+use crate::ledger::statements::{self, Tid};
+use crate::ledger::{check_writable, key_and_scope};
+use crate::ledger::{COMPLETED, FAILED, IN_PROGRESS, RELEASED};
+use crate::pg::errors::{error, name_key, Code};
+use crate::pg::fmgr::{self, finfo_v1, Args};
+use crate::pg::settings;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 

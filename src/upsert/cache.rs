@@ -9,15 +9,13 @@
 //! it; a row with an array, composite, domain or json column is bound as one
 //! jsonb parameter turned into the table's row type by
 //! `jsonb_populate_record` itself. No value is ever spliced into SQL.
-pub mod catalog;
-pub mod statements;
-
 use pgrx::pg_sys;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-pub use catalog::Target;
+pub use super::table::Target;
+use super::{statements, table};
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Kind {
@@ -114,7 +112,7 @@ pub fn target(relid: pg_sys::Oid) -> Rc<Target> {
     if let Some(t) = CACHE.with(|c| c.borrow().targets.get(&relid).cloned()) {
         return t;
     }
-    let t = Rc::new(catalog::load(relid));
+    let t = Rc::new(table::load(relid));
     CACHE.with(|c| c.borrow_mut().targets.insert(relid, t.clone()));
     t
 }
@@ -132,7 +130,7 @@ pub fn plan(
         return p;
     }
     let plan = statements::build(target, columns, conflict, kind).map(|sql| {
-        crate::store::statements::prepare_kept(&sql, &statements::parameter_types(target, columns))
+        crate::ledger::statements::prepare_kept(&sql, &statements::parameter_types(target, columns))
     });
     CACHE.with(|c| c.borrow_mut().plans.insert(key, plan));
     plan

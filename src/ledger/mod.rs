@@ -1,14 +1,26 @@
-//! The SQL entry points. Their signatures are declared in
-//! `sql/functions.sql`; each module here implements one family.
-pub mod begin;
-pub mod json;
-pub mod once;
-pub mod outcome;
-pub mod upsert;
+//! What the two ledgers, the keys of `idem_begin` and the keys of
+//! `idem_once`, share: their key arguments and their tables.
+//!
+//! - `tables`: where the tables are and what they look like.
+//! - `probe`: reads a key's newest row version, committed or not, straight
+//!   from the primary-key index, to tell "someone else holds it" apart from
+//!   "it is free" without waiting.
+//! - `lock`: the short per-key lock that makes probe-then-write atomic.
+//! - `statements`: the prepared statements that update rows.
+//! - `insert`: inserts without SQL, for the hot paths.
+//! - `wait`: bounded waits for a key's holder.
+pub mod insert;
+pub mod lock;
+pub mod probe;
+pub mod statements;
+pub mod tables;
+pub mod wait;
 
-use crate::errors::{error, name_key, Code};
-use crate::fmgr::Args;
-use crate::settings;
+pub use tables::{catalog, COMPLETED, FAILED, IN_PROGRESS, RELEASED};
+
+use crate::pg::errors::{error, name_key, Code};
+use crate::pg::fmgr::Args;
+use crate::pg::settings;
 
 /// Reads and checks the key and scope arguments (22004 for NULL, 22023 for
 /// empty or too long).

@@ -1,8 +1,16 @@
 //! `idem_upsert` and `idem_insert_once`: retry-safe writes to the caller's
 //! own tables, with the caller's privileges.
-use crate::errors::{error, Code};
-use crate::fmgr::{finfo_v1, Args};
-use crate::target::{self, Kind, Target};
+use crate::pg::errors::{error, Code};
+use crate::pg::fmgr::{finfo_v1, Args};
+mod cache;
+mod statements;
+mod table;
+
+use cache::{Kind, Target};
+
+pub fn init() {
+    cache::init();
+}
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::IntoDatum;
@@ -70,7 +78,7 @@ fn prepare_call(args: &Args, what: &str) -> Call {
     let conflict_arg: Option<Vec<Option<String>>> = args
         .datum(2)
         .and_then(|d| unsafe { Vec::<Option<String>>::from_datum(d, false) });
-    let target = target::target(relid);
+    let target = cache::target(relid);
     let name = &target.name;
 
     let Some(mut entries) = object_entries(row) else {
@@ -185,8 +193,8 @@ fn prepare_call(args: &Args, what: &str) -> Call {
 
 /// One JSON value as a value of `column`, the way `jsonb_populate_record`
 /// turns it into a scalar column; None for JSON null.
-fn convert(column: &target::catalog::Column, v: &mut pg_sys::JsonbValue) -> Option<pg_sys::Datum> {
-    use target::catalog::Conversion;
+fn convert(column: &table::Column, v: &mut pg_sys::JsonbValue) -> Option<pg_sys::Datum> {
+    use table::Conversion;
     if v.type_ == pg_sys::jbvType::jbvNull {
         return None;
     }
@@ -229,7 +237,7 @@ fn convert(column: &target::catalog::Column, v: &mut pg_sys::JsonbValue) -> Opti
 /// of rows it changed or found (0 when the statement has nothing to do).
 fn run(call: &Call, kind: Kind) -> u64 {
     unsafe {
-        match target::plan(&call.target, &call.columns, &call.conflict, kind) {
+        match cache::plan(&call.target, &call.columns, &call.conflict, kind) {
             None => 0,
             Some(plan) => {
                 let values = call.values.as_ptr() as *mut pg_sys::Datum;
@@ -262,7 +270,7 @@ finfo_v1!(pg_finfo_idem_upsert);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn idem_upsert(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let _entered = target::enter();
+    let _entered = cache::enter();
     let args = unsafe { Args::new(fcinfo) };
     let call = prepare_call(&args, "idem_upsert");
     // The common case costs one statement: an update where a value
@@ -313,7 +321,7 @@ finfo_v1!(pg_finfo_idem_insert_once);
 pub unsafe extern "C-unwind" fn idem_insert_once(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
-    let _entered = target::enter();
+    let _entered = cache::enter();
     let args = unsafe { Args::new(fcinfo) };
     let call = prepare_call(&args, "idem_insert_once");
     let inserted = with_spi(|| run(&call, Kind::Insert)) == 1;

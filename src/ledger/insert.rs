@@ -68,7 +68,7 @@ unsafe fn check_still_plain(rel: pg_sys::Relation) {
         if (*(*rel).rd_rel).relhastriggers || count != 1 {
             let name =
                 std::ffi::CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
-            crate::errors::error(
+            crate::pg::errors::error(
                 pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("idempotency.{name} has triggers or indexes besides its primary key"),
             )

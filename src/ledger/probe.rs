@@ -5,7 +5,7 @@
 //! from the committed state in REPEATABLE READ when its snapshot is older.
 //!
 //! A completed key's replay is answered from this probe alone, with no SQL.
-use super::{catalog, Attnums};
+use super::tables::{catalog, Attnums};
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
 

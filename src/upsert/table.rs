@@ -1,6 +1,6 @@
 //! What a target table looks like, read from the catalogs once per backend
 //! (and again after the table changes).
-use crate::errors::{error, Code};
+use crate::pg::errors::{error, Code};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use serde_json::Value;
