@@ -20,10 +20,35 @@ pgrx_version() {
     sed -n 's/^pgrx = "=\([0-9.]*\)"/\1/p' "$ROOT/Cargo.toml"
 }
 
-# Everything a fresh machine lacks: Debian packages, cargo-pgrx, pgrx's
-# configuration for the system PostgreSQL 15, and a Python venv for the
-# client tests and the demo. Each step is skipped when already done.
+# rust-toolchain.toml pins the Rust release, and rustup may have no way to
+# download it (RUSTUP_AUTO_INSTALL=0, only package registries reachable).
+# When rustup lacks a toolchain of that name but its stable toolchain is that
+# very release, this names it so, by a symlink in rustup's toolchains folder
+# (as `rustup toolchain link` would, but that refuses release-like names:
+# "invalid custom toolchain name '1.95.0'"). Otherwise it changes nothing,
+# and rustup installs the pinned release itself or says it cannot.
+link_toolchain() {
+    command -v rustup >/dev/null 2>&1 || return 0
+    local want; want=$(sed -n 's/^channel = "\(.*\)"$/\1/p' "$ROOT/rust-toolchain.toml")
+    [ -n "$want" ] || return 0
+    if rustup toolchain list | awk -v w="$want-" 'index($1, w) == 1 { found = 1 } END { exit !found }'; then
+        return 0
+    fi
+    case $(rustc +stable --version 2>/dev/null) in
+        "rustc $want "*) ;;
+        *) return 0 ;;
+    esac
+    local host; host=$(rustc +stable -vV | sed -n 's/^host: //p')
+    say "naming the installed stable Rust $want as toolchain $want-$host"
+    ln -s "$(rustc +stable --print sysroot)" "$(rustup show home)/toolchains/$want-$host"
+}
+
+# Everything a fresh machine lacks: the pinned Rust toolchain's name, Debian
+# packages, cargo-pgrx, pgrx's configuration for the system PostgreSQL 15,
+# and a Python venv for the client tests and the demo. Each step is skipped
+# when already done.
 setup() {
+    link_toolchain
     local pkgs="postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang sudo pkg-config python3-venv"
     local missing=""
     for p in $pkgs; do
@@ -102,5 +127,29 @@ stop_cluster() {
     local dir=$1
     if [ -f "$dir/data/postmaster.pid" ]; then
         runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1 || true
+    fi
+}
+
+# check_server_log DIR: fails when the server log of the cluster in DIR
+# (start_cluster writes it to DIR/server.log) shows a crash: a backend or
+# other child terminated by a signal (SIGSEGV, SIGABRT, SIGKILL...) or by an
+# exception, or a PANIC. Each such line is printed with the 20 lines before
+# it and the one after (the query that process was running). Tests can pass
+# while a backend crashed (the postmaster restarts and the next connection
+# succeeds), so the tiers call this after their cluster has stopped.
+# stop_cluster's immediate shutdown logs no such line: the postmaster does
+# not report its children's exits once it is shutting down. Backends ended
+# by pg_terminate_backend exit; they are not killed by a signal.
+check_server_log() {
+    local log=$1/server.log
+    local crash='\(PID [0-9]+\) was terminated by (signal|exception)|PANIC:  '
+    if [ ! -f "$log" ]; then
+        echo "check_server_log: no server log at $log" >&2
+        return 2
+    fi
+    if grep -qE "$crash" "$log"; then
+        say "the server crashed: $log"
+        grep -nE -B20 -A1 "$crash" "$log"
+        return 1
     fi
 }
