@@ -1,4 +1,8 @@
--- The public SQL surface. Each C function is implemented in src/api/.
+-- The public SQL surface. Each C function is implemented in src/ (see
+-- CONTRIBUTING.md). The library's file name carries the version
+-- ($libdir/idempotency-<version>, a unit test keeps it equal to Cargo.toml's
+-- version): SQL of one release never calls into the library of another, and
+-- during an upgrade old and new libraries can be installed side by side.
 -- Callers need no rights on the idempotency schema: the C functions read and
 -- insert rows without SQL and run their prepared statements as the key
 -- table's owner (src/store/statements.rs); idem_get and idem_purge are
@@ -23,7 +27,7 @@ CREATE FUNCTION idem_begin(
     wait interval DEFAULT '0')
 RETURNS idem_begin_result
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS 'MODULE_PATHNAME', 'idem_begin';
+AS '$libdir/idempotency-0.1.0', 'idem_begin';
 COMMENT ON FUNCTION idem_begin IS 'Claim an idempotency key: started, completed, failed, in_progress or mismatch';
 
 CREATE FUNCTION idem_finish(
@@ -34,7 +38,7 @@ CREATE FUNCTION idem_finish(
     ttl interval DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS 'MODULE_PATHNAME', 'idem_finish';
+AS '$libdir/idempotency-0.1.0', 'idem_finish';
 COMMENT ON FUNCTION idem_finish IS 'Store the result of a key this transaction (or this token) holds';
 
 CREATE FUNCTION idem_fail(
@@ -45,7 +49,7 @@ CREATE FUNCTION idem_fail(
     token bigint DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS 'MODULE_PATHNAME', 'idem_fail';
+AS '$libdir/idempotency-0.1.0', 'idem_fail';
 COMMENT ON FUNCTION idem_fail IS 'Release a held key for a retry, or store a permanent failure';
 
 CREATE FUNCTION idem_checkpoint(
@@ -55,13 +59,13 @@ CREATE FUNCTION idem_checkpoint(
     token bigint DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS 'MODULE_PATHNAME', 'idem_checkpoint';
+AS '$libdir/idempotency-0.1.0', 'idem_checkpoint';
 COMMENT ON FUNCTION idem_checkpoint IS 'Record a recovery point for a held key and renew its lease';
 
 CREATE FUNCTION idem_once(key text, scope text DEFAULT '')
 RETURNS boolean
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS 'MODULE_PATHNAME', 'idem_once';
+AS '$libdir/idempotency-0.1.0', 'idem_once';
 COMMENT ON FUNCTION idem_once IS 'Record a key in the deduplication ledger: true the first time, false after';
 
 -- The upsert helpers run with the caller's privileges (SECURITY INVOKER):
@@ -69,34 +73,35 @@ COMMENT ON FUNCTION idem_once IS 'Record a key in the deduplication ledger: true
 CREATE FUNCTION idem_upsert(target regclass, "row" jsonb, conflict_columns text[] DEFAULT NULL)
 RETURNS text
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS 'MODULE_PATHNAME', 'idem_upsert';
+AS '$libdir/idempotency-0.1.0', 'idem_upsert';
 COMMENT ON FUNCTION idem_upsert IS 'Insert a row, or update the row it conflicts with: inserted, updated or unchanged';
 
 CREATE FUNCTION idem_insert_once(target regclass, "row" jsonb, conflict_columns text[] DEFAULT NULL)
 RETURNS boolean
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS 'MODULE_PATHNAME', 'idem_insert_once';
+AS '$libdir/idempotency-0.1.0', 'idem_insert_once';
 COMMENT ON FUNCTION idem_insert_once IS 'Insert a row unless a conflicting row exists; true if it inserted';
 
 CREATE FUNCTION idem_canonical(value jsonb)
 RETURNS text
 LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
-AS 'MODULE_PATHNAME', 'idem_canonical';
+AS '$libdir/idempotency-0.1.0', 'idem_canonical';
 COMMENT ON FUNCTION idem_canonical IS 'The RFC 8785 canonical JSON text of a value';
 
 CREATE FUNCTION idem_fingerprint(value jsonb)
 RETURNS text
 LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
-AS 'MODULE_PATHNAME', 'idem_fingerprint';
+AS '$libdir/idempotency-0.1.0', 'idem_fingerprint';
 COMMENT ON FUNCTION idem_fingerprint IS 'Lowercase hex SHA-256 of idem_canonical(value)';
 
 CREATE FUNCTION idempotency._check_key(key text, scope text)
 RETURNS boolean
 LANGUAGE c STABLE PARALLEL SAFE
-AS 'MODULE_PATHNAME', 'idem_check_key';
+AS '$libdir/idempotency-0.1.0', 'idem_check_key';
 
 -- Read-only, so it works on a hot standby. Shows the committed state (and
--- this transaction's own changes); an expired key is no row.
+-- this transaction's own changes); an expired key is no row. VOLATILE: it
+-- reads the clock, as the other functions do, to tell a key expired.
 CREATE FUNCTION idem_get(key text, scope text DEFAULT '')
 RETURNS TABLE (
     status text,
@@ -108,7 +113,7 @@ RETURNS TABLE (
     finished_at timestamptz,
     expires_at timestamptz,
     locked_until timestamptz)
-LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
+LANGUAGE sql VOLATILE PARALLEL SAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE k.status

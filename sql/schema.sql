@@ -1,3 +1,16 @@
+-- Keys are text compared byte by byte, and hashed as UTF-8 for their locks:
+-- a database of another encoding is refused before anything is created.
+DO $$
+BEGIN
+    IF pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.<>) 'UTF8' THEN
+        RAISE EXCEPTION 'idempotency requires a database with UTF8 encoding, not %',
+            pg_catalog.getdatabaseencoding()
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Create the database with ENCODING ''UTF8''.';
+    END IF;
+END
+$$;
+
 -- The stored keys. Applications never write here directly: the idem_*
 -- functions do, without SQL or through statements run as the extension's
 -- owner. PUBLIC gets no access at all, since results may hold what a request

@@ -29,6 +29,7 @@ extension_sql_file!("../sql/functions.sql", name = "functions", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     pg::settings::init();
+    pg::inval::init();
     keys::held::init();
     ledger::tables::init();
     upsert::init();
@@ -124,6 +125,51 @@ mod tests {
         Spi::run("SELECT idem_begin(NULL)").unwrap();
     }
 
+    /// Microseconds since 2000-01-01 UTC, PostgreSQL's timestamptz.
+    fn timestamptz(text: &str) -> i64 {
+        one::<i64>(&format!(
+            "SELECT ((extract(epoch FROM '{text}'::timestamptz) - 946684800) * 1000000)::bigint"
+        ))
+    }
+
+    #[pg_test]
+    fn positive_means_later_by_the_calendar() {
+        Spi::run("SET LOCAL TimeZone = 'UTC'").unwrap();
+        let month_less_29_days = pgrx::pg_sys::Interval {
+            time: 0,
+            day: -29,
+            month: 1,
+        };
+        // January 31 + 1 month is February 28; 29 days back is January 30.
+        let jan31 = timestamptz("2026-01-31 12:00");
+        assert!(!crate::pg::fmgr::ends_after(jan31, &month_less_29_days));
+        // March 1 + 1 month is April 1; 29 days back is March 3.
+        let mar1 = timestamptz("2026-03-01 12:00");
+        assert!(crate::pg::fmgr::ends_after(mar1, &month_less_29_days));
+        assert_eq!(
+            crate::pg::fmgr::timestamptz_plus(jan31, &month_less_29_days),
+            timestamptz("2026-01-30 12:00")
+        );
+    }
+
+    #[pg_test]
+    fn key_lock_hash_is_hashtextextended() {
+        for (scope, key) in [
+            ("", "a"),
+            ("", ""),
+            ("shop", "order-42"),
+            ("Ä", "ключ-€"),
+            ("tenant:9", &"x".repeat(300)),
+        ] {
+            let sql = format!("SELECT hashtextextended('{key}', hashtextextended('{scope}', 0))");
+            assert_eq!(
+                crate::ledger::lock::key_hash(scope, key) as i64,
+                one::<i64>(&sql),
+                "scope {scope:?} key {key:?}"
+            );
+        }
+    }
+
     #[pg_test]
     fn fingerprint_is_sha256_of_canonical_text() {
         let cases: &[(&str, &str)] = &[
@@ -146,6 +192,33 @@ mod tests {
             ));
             assert!(same, "fingerprint of {input}");
         }
+    }
+}
+
+/// Checks that need no server.
+#[cfg(test)]
+mod unit {
+    /// Every C function of `sql/functions.sql` names the library file of
+    /// this very version, which `cargo pgrx install` builds as
+    /// `idempotency-<version>.so` (the control file has no
+    /// module_pathname).
+    #[test]
+    fn sql_calls_the_library_of_its_own_version() {
+        let sql = include_str!("../sql/functions.sql");
+        let want = format!("AS '$libdir/idempotency-{}',", env!("CARGO_PKG_VERSION"));
+        let declared = sql
+            .lines()
+            .filter(|l| l.contains("$libdir"))
+            .collect::<Vec<_>>();
+        let c_functions = sql.matches("LANGUAGE c").count();
+        assert!(c_functions > 0);
+        let as_lines = declared.iter().filter(|l| l.starts_with("AS ")).count();
+        assert_eq!(as_lines, c_functions, "one AS line per C function");
+        for line in declared.iter().filter(|l| l.starts_with("AS ")) {
+            assert!(line.starts_with(&want), "{line} does not name {want}");
+        }
+        let control = include_str!("../idempotency.control");
+        assert!(!control.contains("module_pathname"));
     }
 }
 

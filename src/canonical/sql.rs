@@ -2,13 +2,15 @@
 //! `request` argument.
 use crate::canonical::{self, CanonError};
 use crate::pg::errors::{error, name_key, Code};
-use crate::pg::fmgr::{finfo_v1, Args};
+use crate::pg::fmgr::{finfo_v1, Args, Signature};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::IntoDatum;
 use std::ffi::CStr;
 
 fn jsonb_text(d: pg_sys::Datum) -> String {
+    // SAFETY: d is a jsonb datum (a declared jsonb argument); jsonb_out
+    // returns a palloc'd NUL-terminated string.
     unsafe {
         let out = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(d)])
             .expect("jsonb_out returns text");
@@ -40,11 +42,24 @@ pub fn fingerprint_of_jsonb(d: pg_sys::Datum, key: &str, scope: &str) -> [u8; 32
 
 finfo_v1!(pg_finfo_idem_canonical);
 
+const CANONICAL: Signature = Signature {
+    name: "idem_canonical",
+    args: &[pg_sys::JSONBOID],
+    result: Some(pg_sys::TEXTOID),
+};
+
+const FINGERPRINT: Signature = Signature {
+    name: "idem_fingerprint",
+    args: &[pg_sys::JSONBOID],
+    result: Some(pg_sys::TEXTOID),
+};
+
 /// `idem_canonical(value jsonb) returns text`.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn idem_canonical(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let args = unsafe { Args::new(fcinfo) };
+    // SAFETY: Postgres calls this with the call info of idem_canonical.
+    let args = unsafe { Args::new(fcinfo, &CANONICAL) };
     let d = args.datum(0).expect("declared STRICT");
     canonical_or_raise(d, || "the value".to_string())
         .into_datum()
@@ -59,22 +74,11 @@ finfo_v1!(pg_finfo_idem_fingerprint);
 pub unsafe extern "C-unwind" fn idem_fingerprint(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
-    let args = unsafe { Args::new(fcinfo) };
+    // SAFETY: Postgres calls this with the call info of idem_fingerprint.
+    let args = unsafe { Args::new(fcinfo, &FINGERPRINT) };
     let d = args.datum(0).expect("declared STRICT");
     let text = canonical_or_raise(d, || "the value".to_string());
     canonical::hex(&canonical::sha256(&text))
         .into_datum()
         .expect("text datum")
-}
-
-finfo_v1!(pg_finfo_idem_check_key);
-
-/// `idempotency._check_key(key, scope)`: the argument checks of the other
-/// functions, for the SQL-language ones.
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn idem_check_key(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let args = unsafe { Args::new(fcinfo) };
-    crate::ledger::key_and_scope(&args, 0, 1);
-    pg_sys::Datum::from(true)
 }

@@ -9,14 +9,15 @@
 use crate::canonical::sql::fingerprint_of_jsonb;
 use crate::keys::held::{self, Held};
 use crate::ledger::insert;
+use crate::ledger::key_and_scope;
 use crate::ledger::lock::{self, KeyLock, Space};
 use crate::ledger::probe::{probe, Row, Seen};
 use crate::ledger::statements::{self, Claim};
 use crate::ledger::wait::{sleep_until, wait_for_transaction};
-use crate::ledger::{check_writable, key_and_scope};
 use crate::ledger::{COMPLETED, FAILED, IN_PROGRESS, RELEASED};
 use crate::pg::errors::{error, name_key, Code};
-use crate::pg::fmgr::{self, finfo_v1, Args};
+use crate::pg::fmgr::{self, finfo_v1, Args, Signature};
+use crate::pg::relation::check_writable;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -44,15 +45,41 @@ enum Answer {
 
 finfo_v1!(pg_finfo_idem_begin);
 
+const INTERVAL: pg_sys::Oid = pg_sys::INTERVALOID;
+
+const SIGNATURE: Signature = Signature {
+    name: "idem_begin",
+    args: &[
+        pg_sys::TEXTOID,
+        pg_sys::JSONBOID,
+        pg_sys::TEXTOID,
+        INTERVAL,
+        INTERVAL,
+    ],
+    // idem_begin_result, whose columns `return_row` checks.
+    result: None,
+};
+
+/// The columns of `idem_begin_result`.
+const RESULT_COLUMNS: [pg_sys::Oid; 5] = [
+    pg_sys::TEXTOID,
+    pg_sys::JSONBOID,
+    pg_sys::INT4OID,
+    pg_sys::TEXTOID,
+    pg_sys::INT8OID,
+];
+
 /// `idem_begin(key, request, scope, lease, wait)`.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn idem_begin(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let args = unsafe { Args::new(fcinfo) };
+    // SAFETY: Postgres calls this with the call info of idem_begin.
+    let args = unsafe { Args::new(fcinfo, &SIGNATURE) };
     let (key, scope) = key_and_scope(&args, 0, 2);
+    let now = clock();
     let lease = args.interval(3);
     if let Some(iv) = &lease {
-        if fmgr::interval_micros(iv) <= 0 {
+        if !fmgr::ends_after(now, iv) {
             error(
                 Code::ERRCODE_INVALID_PARAMETER_VALUE,
                 format!("lease for {} must be positive", name_key(&key, &scope)),
@@ -61,18 +88,24 @@ pub unsafe extern "C-unwind" fn idem_begin(fcinfo: pg_sys::FunctionCallInfo) -> 
             .raise();
         }
     }
-    let wait = args.interval_micros(4).unwrap_or(0);
-    if wait < 0 {
-        error(
-            Code::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("wait for {} must not be negative", name_key(&key, &scope)),
-        )
-        .hint("Pass '0' to answer at once, or how long to wait for the holder.")
-        .raise();
-    }
+    let deadline = match args.interval(4) {
+        None => now,
+        Some(iv) => {
+            let deadline = fmgr::timestamptz_plus(now, &iv);
+            if deadline < now {
+                error(
+                    Code::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("wait for {} must not be negative", name_key(&key, &scope)),
+                )
+                .hint("Pass '0' to answer at once, or how long to wait for the holder.")
+                .raise();
+            }
+            deadline
+        }
+    };
     let fingerprint = args.datum(1).map(|d| fingerprint_of_jsonb(d, &key, &scope));
 
-    let answer = begin(&key, &scope, fingerprint, lease.as_ref(), wait);
+    let answer = begin(&key, &scope, fingerprint, lease.as_ref(), deadline);
 
     let mut values = [pg_sys::Datum::from(0usize); 5];
     let mut nulls = [true; 5];
@@ -106,7 +139,7 @@ pub unsafe extern "C-unwind" fn idem_begin(fcinfo: pg_sys::FunctionCallInfo) -> 
     if let Some(t) = token {
         (values[4], nulls[4]) = (pg_sys::Datum::from(t), false);
     }
-    unsafe { fmgr::return_row(fcinfo, &mut values, &mut nulls) }
+    args.return_row(&RESULT_COLUMNS, &mut values, &mut nulls)
 }
 
 fn differs(stored: Option<&[u8; 32]>, new: Option<&[u8; 32]>) -> bool {
@@ -114,14 +147,17 @@ fn differs(stored: Option<&[u8; 32]>, new: Option<&[u8; 32]>) -> bool {
 }
 
 fn clock() -> pg_sys::TimestampTz {
+    // SAFETY: reads the system clock.
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
 fn transaction_start() -> pg_sys::TimestampTz {
+    // SAFETY: reads a backend global.
     unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }
 }
 
 fn snapshot_is_transaction_wide() -> bool {
+    // SAFETY: reads a backend global.
     unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
 }
 
@@ -142,7 +178,7 @@ fn begin(
     scope: &str,
     fingerprint: Option<[u8; 32]>,
     lease: Option<&pg_sys::Interval>,
-    wait: i128,
+    deadline: pg_sys::TimestampTz,
 ) -> Answer {
     // A key this transaction already holds: the same attempt again.
     if let Some(h) = held::get(scope, key).filter(|h| !h.finished) {
@@ -166,7 +202,6 @@ fn begin(
             token: None,
         };
     }
-    let deadline = clock().saturating_add(wait.min(i64::MAX as i128) as i64);
     // A lease holder's finish is a commit we cannot wait on as a lock (it is
     // another transaction than the claim's), so a wait on a lease re-reads
     // the key, every 1 ms at first and every 50 ms at most.

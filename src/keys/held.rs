@@ -77,6 +77,7 @@ pub fn get(scope: &str, key: &str) -> Option<Held> {
 /// Records the new state of a key this transaction holds.
 pub fn set(scope: &str, key: &str, held: Held) {
     let mk = map_key(scope, key);
+    // SAFETY: reads a backend global.
     let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
     STATE.with(|s| {
         let mut s = s.borrow_mut();
@@ -108,6 +109,8 @@ pub fn take_lock_claim() -> bool {
 }
 
 pub fn init() {
+    // SAFETY: both callbacks are plain functions that live as long as the
+    // library, registered once per backend from _PG_init.
     unsafe {
         pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());

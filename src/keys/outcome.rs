@@ -3,13 +3,14 @@
 //! key; in lease mode it is whoever presents the current fencing token.
 use crate::keys::held::{self, Held};
 use crate::ledger::insert::{self as direct, KeyRow};
+use crate::ledger::key_and_scope;
 use crate::ledger::lock::{KeyLock, Space};
 use crate::ledger::probe::{probe, Seen};
 use crate::ledger::statements::{self, Tid};
-use crate::ledger::{check_writable, key_and_scope};
 use crate::ledger::{COMPLETED, FAILED, IN_PROGRESS, RELEASED};
 use crate::pg::errors::{error, name_key, Code};
-use crate::pg::fmgr::{self, finfo_v1, Args};
+use crate::pg::fmgr::{self, finfo_v1, Args, Signature};
+use crate::pg::relation::check_writable;
 use crate::pg::settings;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -78,10 +79,11 @@ fn ttl_expiry(
     scope: &str,
     ttl: Option<pg_sys::Interval>,
 ) -> (pg_sys::TimestampTz, pg_sys::TimestampTz) {
+    // SAFETY: reads a backend global.
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     let expires = match ttl {
         Some(iv) => {
-            if fmgr::interval_micros(&iv) <= 0 {
+            if !fmgr::ends_after(now, &iv) {
                 error(
                     Code::ERRCODE_INVALID_PARAMETER_VALUE,
                     format!("ttl for {} must be positive", name_key(key, scope)),
@@ -151,11 +153,35 @@ fn record_outcome(
 
 finfo_v1!(pg_finfo_idem_finish);
 
+const TEXT: pg_sys::Oid = pg_sys::TEXTOID;
+const JSONB: pg_sys::Oid = pg_sys::JSONBOID;
+const INT8: pg_sys::Oid = pg_sys::INT8OID;
+const VOID: Option<pg_sys::Oid> = Some(pg_sys::VOIDOID);
+
+const FINISH: Signature = Signature {
+    name: "idem_finish",
+    args: &[TEXT, JSONB, TEXT, INT8, pg_sys::INTERVALOID],
+    result: VOID,
+};
+
+const FAIL: Signature = Signature {
+    name: "idem_fail",
+    args: &[TEXT, JSONB, TEXT, pg_sys::BOOLOID, INT8],
+    result: VOID,
+};
+
+const CHECKPOINT: Signature = Signature {
+    name: "idem_checkpoint",
+    args: &[TEXT, TEXT, TEXT, INT8],
+    result: VOID,
+};
+
 /// `idem_finish(key, result, scope, token, ttl)`.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn idem_finish(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let args = unsafe { Args::new(fcinfo) };
+    // SAFETY: Postgres calls this with the call info of idem_finish.
+    let args = unsafe { Args::new(fcinfo, &FINISH) };
     let (key, scope) = key_and_scope(&args, 0, 2);
     record_outcome(
         c"idem_finish",
@@ -175,7 +201,8 @@ finfo_v1!(pg_finfo_idem_fail);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn idem_fail(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let args = unsafe { Args::new(fcinfo) };
+    // SAFETY: Postgres calls this with the call info of idem_fail.
+    let args = unsafe { Args::new(fcinfo, &FAIL) };
     let (key, scope) = key_and_scope(&args, 0, 2);
     let status = if args.bool(3).unwrap_or(true) {
         RELEASED
@@ -201,12 +228,14 @@ finfo_v1!(pg_finfo_idem_checkpoint);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn idem_checkpoint(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let args = unsafe { Args::new(fcinfo) };
+    // SAFETY: Postgres calls this with the call info of idem_checkpoint.
+    let args = unsafe { Args::new(fcinfo, &CHECKPOINT) };
     let (key, scope) = key_and_scope(&args, 0, 2);
     let recovery_point = args.text(1);
     let token = args.i64(3);
     check_writable(c"idem_checkpoint");
     let (who, at, lock) = holder(&key, &scope, token);
+    // SAFETY: reads the system clock.
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     // A claim by key lock has no row yet: the recovery point is written
     // with the outcome.

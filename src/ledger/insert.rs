@@ -1,81 +1,145 @@
-//! Inserting a row into one of the extension's own tables without SQL: the
-//! heap tuple, then its one index entry, as Postgres inserts catalog rows.
-//! This skips the executor's start-up for each row, which measured as most
-//! of the cost of a claim. It is correct only because these tables have no
-//! triggers, no constraints that the caller does not already guarantee, and
-//! exactly one index, the primary key on (scope, key), which every insert
-//! checks first; `heap_insert` itself takes care of WAL, TOAST, statistics and
-//! serializable conflict checks, and the unique index insert still refuses
-//! a duplicate key.
+//! Inserting a row into one of the extension's own tables.
+//!
+//! The common case needs no SQL: the heap tuple, then an entry in every
+//! index that is ready for inserts, as PostgreSQL inserts catalog rows
+//! (`CatalogIndexInsert`). This skips the executor's start-up for each row,
+//! which measured as most of the cost of a claim. `heap_insert` takes care
+//! of WAL, TOAST, statistics and serializable conflict checks, and the
+//! unique indexes still refuse a duplicate key.
+//!
+//! That is what an INSERT would do only while the table is as the extension
+//! created it, or changed in ways that need nothing more: a second index on
+//! plain columns, or an index being built or rebuilt concurrently (CREATE
+//! INDEX CONCURRENTLY, REINDEX CONCURRENTLY), which gets its entries from
+//! the moment it is ready for inserts, exactly as from the executor. When a
+//! trigger, an index on expressions or with a WHERE clause, an exclusion
+//! or deferred constraint, a CHECK or NOT NULL constraint or a column was
+//! added (by a DBA, or by pg_repack for the length of its run), the row is
+//! inserted with a prepared INSERT instead, so that all of them apply.
+use super::statements;
+use super::tables::{self, Table, Which};
+use super::tables::{
+    K_ATTEMPT, K_CREATED_AT, K_EXPIRES_AT, K_FINGERPRINT, K_FINISHED_AT, K_KEY, K_LEASE,
+    K_LOCKED_UNTIL, K_RECOVERY_POINT, K_RESULT, K_SCOPE, K_STATUS, K_TOKEN, O_KEY, O_RECORDED_AT,
+    O_SCOPE,
+};
+use crate::pg::relation::{Rel, Slot};
 use pgrx::pg_sys;
+use pgrx::IntoDatum;
 
 pub type Tid = pg_sys::ItemPointerData;
 
-/// Inserts `values`/`nulls` (one per column) into `heap`, and `key` (the
-/// index's column values) into its primary key `index`.
-pub fn insert(
-    heap: pg_sys::Oid,
-    index: pg_sys::Oid,
-    values: &mut [pg_sys::Datum],
-    nulls: &mut [bool],
-    key: &mut [pg_sys::Datum; 2],
-) -> Tid {
+/// Inserts a row of `which`, given as one value per column of
+/// `which.columns()` (None is NULL); returns where it went.
+fn insert(which: Which, row: &[Option<pg_sys::Datum>]) -> Tid {
+    assert_eq!(row.len(), which.columns().len());
+    let (heap, cat) = tables::open(which, pg_sys::RowExclusiveLock);
+    let table = cat.table(which);
+    if table.plain && !heap.has_triggers() {
+        if let Some(indexes) = plain_indexes(&heap) {
+            return direct(&heap, table, row, &indexes);
+        }
+    }
+    statements::insert_row(which, row)
+}
+
+struct Index {
+    rel: Rel,
+    info: *mut pg_sys::IndexInfo,
+}
+
+/// The table's indexes that are ready for inserts, opened; None when one of
+/// them needs the executor (expressions, a predicate, an exclusion or
+/// deferred constraint).
+fn plain_indexes(heap: &Rel) -> Option<Vec<Index>> {
+    let mut indexes = Vec::new();
+    for oid in heap.index_oids() {
+        let rel = Rel::index(oid, pg_sys::RowExclusiveLock);
+        // SAFETY: rel is an open index; BuildIndexInfo reads its relcache
+        // entry into a new palloc'd IndexInfo.
+        let info = unsafe { pg_sys::BuildIndexInfo(rel.as_ptr()) };
+        // SAFETY: info was just built and is not shared.
+        let (ready, plain) = unsafe {
+            (
+                (*info).ii_ReadyForInserts,
+                (*info).ii_Expressions.is_null()
+                    && (*info).ii_Predicate.is_null()
+                    && (*info).ii_ExclusionOps.is_null(),
+            )
+        };
+        if !ready {
+            // Being built by CREATE INDEX CONCURRENTLY and not yet ready:
+            // the build itself will find this row.
+            continue;
+        }
+        let form = rel.index_form();
+        if !plain || (form.indisunique && !form.indimmediate) {
+            return None;
+        }
+        indexes.push(Index { rel, info });
+    }
+    Some(indexes)
+}
+
+fn direct(heap: &Rel, table: &Table, row: &[Option<pg_sys::Datum>], indexes: &[Index]) -> Tid {
+    let natts = heap.natts();
+    let mut values = vec![pg_sys::Datum::from(0usize); natts];
+    let mut nulls = vec![true; natts];
+    for (i, v) in row.iter().enumerate() {
+        if let Some(d) = v {
+            values[table.pos(i)] = *d;
+            nulls[table.pos(i)] = false;
+        }
+    }
+    // SAFETY: heap is open with RowExclusiveLock; values/nulls have one
+    // entry per attribute of its descriptor (natts, which `tables::open`
+    // checked against the description `table` comes from), each of the
+    // column's checked type or NULL, and NULL for dropped columns. The
+    // tuple stays alive until the slot that reads it is dropped.
     unsafe {
-        let rel = pg_sys::table_open(heap, pg_sys::RowExclusiveLock as i32);
-        check_still_plain(rel);
-        let idx = pg_sys::index_open(index, pg_sys::RowExclusiveLock as i32);
-        let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+        let tuple = pg_sys::heap_form_tuple(heap.desc(), values.as_mut_ptr(), nulls.as_mut_ptr());
         pg_sys::heap_insert(
-            rel,
+            heap.as_ptr(),
             tuple,
             pg_sys::GetCurrentCommandId(true),
             0,
             std::ptr::null_mut(),
         );
-        let info = pg_sys::BuildIndexInfo(idx);
-        let mut key_nulls = [false, false];
-        pg_sys::index_insert(
-            idx,
-            key.as_mut_ptr(),
-            key_nulls.as_mut_ptr(),
-            &mut (*tuple).t_self,
-            rel,
-            pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES,
-            false,
-            info,
-        );
+        let slot = Slot::heap_tuple(heap, tuple);
+        for index in indexes {
+            let mut ivalues = [pg_sys::Datum::from(0usize); pg_sys::INDEX_MAX_KEYS as usize];
+            let mut inulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
+            // No expressions (checked in plain_indexes), so FormIndexDatum
+            // needs no executor state.
+            pg_sys::FormIndexDatum(
+                index.info,
+                slot.0,
+                std::ptr::null_mut(),
+                ivalues.as_mut_ptr(),
+                inulls.as_mut_ptr(),
+            );
+            let check = if index.rel.index_form().indisunique {
+                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES
+            } else {
+                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
+            };
+            pg_sys::index_insert(
+                index.rel.as_ptr(),
+                ivalues.as_mut_ptr(),
+                inulls.as_mut_ptr(),
+                &mut (*tuple).t_self,
+                heap.as_ptr(),
+                check,
+                false,
+                index.info,
+            );
+        }
         let tid = (*tuple).t_self;
+        drop(slot);
         pg_sys::heap_freetuple(tuple);
-        pg_sys::index_close(idx, pg_sys::NoLock as i32);
-        pg_sys::table_close(rel, pg_sys::NoLock as i32);
         // As after any statement: later reads of this transaction see it.
         pg_sys::CommandCounterIncrement();
         tid
-    }
-}
-
-/// Checked on every insert, with the table locked (cheap: the relcache has
-/// both): a trigger or a second index added since the backend started (by
-/// pg_repack, say) would miss this insert, so refuse rather than lose it.
-unsafe fn check_still_plain(rel: pg_sys::Relation) {
-    unsafe {
-        let indexes = pg_sys::RelationGetIndexList(rel);
-        let count = if indexes.is_null() {
-            0
-        } else {
-            (*indexes).length
-        };
-        if (*(*rel).rd_rel).relhastriggers || count != 1 {
-            let name =
-                std::ffi::CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
-            crate::pg::errors::error(
-                pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                format!("idempotency.{name} has triggers or indexes besides its primary key"),
-            )
-            .detail("The extension inserts into this table without the executor and maintains only its primary key.")
-            .hint("Drop triggers and indexes added to the extension's tables (a table rewrite by pg_repack adds them for its run).")
-            .raise();
-        }
     }
 }
 
@@ -97,72 +161,30 @@ pub struct KeyRow<'a> {
 }
 
 pub fn insert_key_row(row: &KeyRow) -> Tid {
-    use pgrx::IntoDatum;
-    let cat = super::catalog();
-    let a = &cat.att;
-    let mut values = vec![pg_sys::Datum::from(0usize); cat.natts];
-    let mut nulls = vec![true; cat.natts];
-    let mut set = |attnum: i16, v: Option<pg_sys::Datum>| {
-        if let Some(d) = v {
-            values[(attnum - 1) as usize] = d;
-            nulls[(attnum - 1) as usize] = false;
-        }
-    };
-    let scope = row.scope.into_datum().expect("text datum");
-    let key = row.key.into_datum().expect("text datum");
-    set(a.scope, Some(scope));
-    set(a.key, Some(key));
-    set(a.status, Some(pg_sys::Datum::from(row.status as i8)));
-    set(a.attempt, Some(pg_sys::Datum::from(row.attempt)));
-    set(a.token, row.token.map(pg_sys::Datum::from));
-    set(
-        a.fingerprint,
-        row.fingerprint.and_then(|f| (&f[..]).into_datum()),
-    );
-    set(a.result, row.result);
-    set(
-        a.recovery_point,
-        row.recovery_point.and_then(|r| r.into_datum()),
-    );
-    set(a.created_at, Some(pg_sys::Datum::from(row.created_at)));
-    set(a.finished_at, row.finished_at.map(pg_sys::Datum::from));
-    set(a.expires_at, row.expires_at.map(pg_sys::Datum::from));
-    set(a.locked_until, row.locked_until.map(pg_sys::Datum::from));
-    set(
-        a.lease,
-        row.lease
-            .map(|iv| pg_sys::Datum::from(iv as *const pg_sys::Interval)),
-    );
-    insert(
-        cat.keys,
-        cat.pkey,
-        &mut values,
-        &mut nulls,
-        &mut [scope, key],
-    )
+    let mut values = [None; tables::KEYS_COLUMNS.len()];
+    values[K_SCOPE] = row.scope.into_datum();
+    values[K_KEY] = row.key.into_datum();
+    values[K_STATUS] = Some(pg_sys::Datum::from(row.status as i8));
+    values[K_ATTEMPT] = Some(pg_sys::Datum::from(row.attempt));
+    values[K_TOKEN] = row.token.map(pg_sys::Datum::from);
+    values[K_FINGERPRINT] = row.fingerprint.and_then(|f| (&f[..]).into_datum());
+    values[K_RESULT] = row.result;
+    values[K_RECOVERY_POINT] = row.recovery_point.and_then(|r| r.into_datum());
+    values[K_CREATED_AT] = Some(pg_sys::Datum::from(row.created_at));
+    values[K_FINISHED_AT] = row.finished_at.map(pg_sys::Datum::from);
+    values[K_EXPIRES_AT] = row.expires_at.map(pg_sys::Datum::from);
+    values[K_LOCKED_UNTIL] = row.locked_until.map(pg_sys::Datum::from);
+    values[K_LEASE] = row
+        .lease
+        .map(|iv| pg_sys::Datum::from(iv as *const pg_sys::Interval));
+    insert(Which::Keys, &values)
 }
 
 /// Records a key in the `idem_once` ledger.
 pub fn insert_once_row(scope: &str, key: &str, recorded_at: pg_sys::TimestampTz) -> Tid {
-    use pgrx::IntoDatum;
-    let cat = super::catalog();
-    let scope = scope.into_datum().expect("text datum");
-    let key = key.into_datum().expect("text datum");
-    let mut values = vec![pg_sys::Datum::from(0usize); cat.once_natts];
-    let mut nulls = vec![true; cat.once_natts];
-    for (i, d) in cat
-        .once_att
-        .into_iter()
-        .zip([scope, key, pg_sys::Datum::from(recorded_at)])
-    {
-        values[i] = d;
-        nulls[i] = false;
-    }
-    insert(
-        cat.once,
-        cat.once_pkey,
-        &mut values,
-        &mut nulls,
-        &mut [scope, key],
-    )
+    let mut values = [None; tables::ONCE_COLUMNS.len()];
+    values[O_SCOPE] = scope.into_datum();
+    values[O_KEY] = key.into_datum();
+    values[O_RECORDED_AT] = Some(pg_sys::Datum::from(recorded_at));
+    insert(Which::Once, &values)
 }

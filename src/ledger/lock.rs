@@ -11,11 +11,35 @@
 //!
 //! It is an advisory lock tag of our own (field4, distinct from
 //! `pg_advisory_lock`'s 1 and 2) in the current database, keyed by a 64-bit
-//! hash of scope and key; a hash collision only makes two keys' claims take
-//! turns.
+//! hash of scope and key (see `key_hash`); a hash collision only makes two
+//! keys' claims take turns. The hash has a fixed definition, PostgreSQL's
+//! own `hash_bytes_extended`, so every backend computes the same tag for a
+//! key whichever version of this library it runs, and a DBA can compute it
+//! in SQL to find a key's lock in `pg_locks`.
 use pgrx::pg_sys;
-use std::hash::{Hash, Hasher};
 
+unsafe extern "C-unwind" {
+    /// `common/hashfn.c`: the function behind `hash_any_extended` and
+    /// `hashtextextended`. Not in pgrx's bindings.
+    fn hash_bytes_extended(k: *const u8, keylen: i32, seed: u64) -> u64;
+}
+
+fn hash_bytes(bytes: &[u8], seed: u64) -> u64 {
+    // SAFETY: hash_bytes_extended reads exactly keylen bytes from k and has
+    // no other effect; keys are at most a few kilobytes, well within i32.
+    unsafe { hash_bytes_extended(bytes.as_ptr(), bytes.len() as i32, seed) }
+}
+
+/// The 64-bit hash of a key: in SQL,
+/// `hashtextextended(key, hashtextextended(scope, 0))` (for the "C"
+/// collation of the key columns, whose text hash is the bytes' hash).
+pub fn key_hash(scope: &str, key: &str) -> u64 {
+    hash_bytes(key.as_bytes(), hash_bytes(scope.as_bytes(), 0))
+}
+
+/// A key lock held by this backend. Dropping it releases it, unless it was
+/// kept (`keep`); while an error unwinds, the (sub)transaction's abort
+/// releases it instead.
 pub struct KeyLock {
     tag: pg_sys::LOCKTAG,
     /// The resource owner the lock belongs to, which must release it.
@@ -30,11 +54,9 @@ pub enum Space {
 }
 
 fn tag_for(space: Space, scope: &str, key: &str) -> pg_sys::LOCKTAG {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    scope.hash(&mut h);
-    key.hash(&mut h);
-    let hash = h.finish();
+    let hash = key_hash(scope, key);
     pg_sys::LOCKTAG {
+        // SAFETY: reads a backend global set at connection start.
         locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
         locktag_field2: (hash >> 32) as u32,
         locktag_field3: hash as u32,
@@ -44,12 +66,20 @@ fn tag_for(space: Space, scope: &str, key: &str) -> pg_sys::LOCKTAG {
     }
 }
 
+fn transaction_owner() -> pg_sys::ResourceOwner {
+    // SAFETY: reads a backend global, set while a transaction is open
+    // (these functions run inside SQL calls).
+    unsafe { pg_sys::CurTransactionResourceOwner }
+}
+
 impl KeyLock {
     /// Waits for the lock as long as it takes (its holders hold it briefly,
     /// or are the key's holder, whose end is what the caller waits for).
     pub fn acquire(space: Space, scope: &str, key: &str) -> KeyLock {
         let tag = tag_for(space, scope, key);
-        let owner = unsafe { pg_sys::CurTransactionResourceOwner };
+        let owner = transaction_owner();
+        // SAFETY: tag is a valid advisory tag; LockAcquire waits (taking
+        // part in deadlock detection) or raises an ERROR.
         as_owner(owner, || unsafe {
             pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, false);
         });
@@ -59,11 +89,13 @@ impl KeyLock {
     /// Takes the lock if it is free.
     pub fn try_acquire(space: Space, scope: &str, key: &str) -> Option<KeyLock> {
         let tag = tag_for(space, scope, key);
-        let owner = unsafe { pg_sys::CurTransactionResourceOwner };
+        let owner = transaction_owner();
+        // SAFETY: as in `acquire`; with dontWait it returns NOT_AVAIL
+        // instead of waiting.
         let got = as_owner(owner, || unsafe {
             pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, true)
         });
-        (got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL).then_some(KeyLock { tag, owner })
+        (got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL).then(|| KeyLock { tag, owner })
     }
 
     /// Waits at most until `deadline` for the lock.
@@ -76,22 +108,36 @@ impl KeyLock {
         let tag = tag_for(space, scope, key);
         // Taken inside a subtransaction whose commit hands the lock to the
         // transaction's own resource owner, so that is the one to release it.
+        // SAFETY: as in `acquire`.
         super::wait::bounded(deadline, || unsafe {
             pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, false);
         })
-        .then_some(KeyLock {
+        .then(|| KeyLock {
             tag,
-            owner: unsafe { pg_sys::CurTransactionResourceOwner },
+            owner: transaction_owner(),
         })
     }
 
     /// Keeps the lock to the end of the (sub)transaction: in transaction
     /// mode the lock on a new key is the claim itself.
-    pub fn keep(self) {}
+    pub fn keep(self) {
+        std::mem::forget(self);
+    }
 
-    /// Releases the lock. On an error the lock is released by the
-    /// (sub)transaction abort instead, so there is no `Drop`.
+    /// Releases the lock now.
     pub fn release(self) {
+        drop(self);
+    }
+}
+
+impl Drop for KeyLock {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        // SAFETY: this guard holds the lock, taken for `owner`, which is
+        // still the (sub)transaction's owner (a guard never outlives the
+        // SQL call that took it).
         as_owner(self.owner, || unsafe {
             pg_sys::LockRelease(&self.tag, pg_sys::ExclusiveLock as i32, false);
         });
@@ -104,13 +150,21 @@ impl KeyLock {
 /// (sub)transaction that `held` records it under, even when it was taken
 /// while fetching from a cursor.
 fn as_owner<T>(owner: pg_sys::ResourceOwner, f: impl FnOnce() -> T) -> T {
-    unsafe {
-        let current = pg_sys::CurrentResourceOwner;
-        pg_sys::CurrentResourceOwner = owner;
-        let out = f();
-        pg_sys::CurrentResourceOwner = current;
-        out
+    struct Restore(pg_sys::ResourceOwner);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: puts back the owner read below; a plain assignment.
+            unsafe { pg_sys::CurrentResourceOwner = self.0 };
+        }
     }
+    // SAFETY: reads and sets a backend global; Restore puts it back when f
+    // returns or unwinds.
+    let _restore = unsafe {
+        let restore = Restore(pg_sys::CurrentResourceOwner);
+        pg_sys::CurrentResourceOwner = owner;
+        restore
+    };
+    f()
 }
 
 /// Whether a call should look at its key before taking the key lock.

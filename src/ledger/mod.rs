@@ -19,8 +19,10 @@ pub mod wait;
 pub use tables::{catalog, COMPLETED, FAILED, IN_PROGRESS, RELEASED};
 
 use crate::pg::errors::{error, name_key, Code};
-use crate::pg::fmgr::Args;
+use crate::pg::fmgr::{finfo_v1, Args, Signature};
 use crate::pg::settings;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
 
 /// Reads and checks the key and scope arguments (22004 for NULL, 22023 for
 /// empty or too long).
@@ -82,8 +84,21 @@ pub fn check_key(key: &str, scope: &str) {
     }
 }
 
-/// Refuses to write in a read-only transaction or on a standby (25006), as
-/// an INSERT would, before anything is claimed or written.
-pub fn check_writable(function: &std::ffi::CStr) {
-    unsafe { pgrx::pg_sys::PreventCommandIfReadOnly(function.as_ptr()) }
+finfo_v1!(pg_finfo_idem_check_key);
+
+const CHECK_KEY: Signature = Signature {
+    name: "idempotency._check_key",
+    args: &[pg_sys::TEXTOID, pg_sys::TEXTOID],
+    result: Some(pg_sys::BOOLOID),
+};
+
+/// `idempotency._check_key(key, scope)`: the argument checks of the other
+/// functions, for the SQL-language ones.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn idem_check_key(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: Postgres calls this with the call info of _check_key.
+    let args = unsafe { Args::new(fcinfo, &CHECK_KEY) };
+    key_and_scope(&args, 0, 1);
+    pg_sys::Datum::from(true)
 }

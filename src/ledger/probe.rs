@@ -5,7 +5,8 @@
 //! from the committed state in REPEATABLE READ when its snapshot is older.
 //!
 //! A completed key's replay is answered from this probe alone, with no SQL.
-use super::tables::{catalog, Attnums};
+use super::tables::*;
+use crate::pg::relation::{IndexScan, Rel, Slot};
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
 
@@ -61,25 +62,56 @@ struct Version {
     own: bool,
 }
 
-/// Visits every version of (scope, key) in `heap` that a dirty snapshot
-/// sees, through the primary key `index`.
+/// Visits every version of (scope, key) in `which` that a dirty snapshot
+/// sees, through the table's primary key.
 fn scan(
-    heap: pg_sys::Oid,
-    index: pg_sys::Oid,
+    which: Which,
     scope: &str,
     key: &str,
-    mut visit: impl FnMut(*mut pg_sys::TupleTableSlot, Version),
+    mut visit: impl FnMut(*mut pg_sys::TupleTableSlot, &Table, Version),
 ) {
+    let (heap, cat) = open(which, pg_sys::AccessShareLock);
+    let table = cat.table(which);
+    let index = Rel::index(heap.primary_key(), pg_sys::AccessShareLock);
+    // The scan keys below are the index's first two columns: they must be
+    // scope and key, in that order.
+    let form = index.index_form();
+    // SAFETY: indkey of a pg_index row has indnatts entries; it is read
+    // only for i < 2 after indnkeyatts (<= indnatts) was found to be 2.
+    let indkey = |i: usize| unsafe { *form.indkey.values.as_ptr().add(i) };
+    if form.indnkeyatts != 2
+        || indkey(0) != table.att[scope_column(which)]
+        || indkey(1) != table.att[key_column(which)]
+    {
+        crate::pg::errors::error(
+            crate::pg::errors::Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "the primary key of idempotency.{} is not (scope, key)",
+                heap.name()
+            ),
+        )
+        .hint("Reinstall the extension.")
+        .raise();
+    }
+    let mut snapshot = pg_sys::SnapshotData {
+        snapshot_type: pg_sys::SnapshotType::SNAPSHOT_DIRTY,
+        ..Default::default()
+    };
+    let scope_d = scope.into_datum().expect("text datum");
+    let key_d = key.into_datum().expect("text datum");
+    // SAFETY: heap and index are open and locked; the scan, the slot and
+    // the snapshot live until the end of this block (the guards drop in
+    // reverse order: slot, then scan, then the relations). The scan keys
+    // compare text with texteq under the index's own collations, on the
+    // index's two key columns (checked above).
     unsafe {
-        let heap = pg_sys::table_open(heap, pg_sys::AccessShareLock as i32);
-        let index = pg_sys::index_open(index, pg_sys::AccessShareLock as i32);
-        let mut snapshot = pg_sys::SnapshotData {
-            snapshot_type: pg_sys::SnapshotType::SNAPSHOT_DIRTY,
-            ..Default::default()
-        };
-        let scan = pg_sys::index_beginscan(heap, index, &mut snapshot, 2, 0);
-        let scope_d = scope.into_datum().expect("text datum");
-        let key_d = key.into_datum().expect("text datum");
+        let scan = IndexScan(pg_sys::index_beginscan(
+            heap.as_ptr(),
+            index.as_ptr(),
+            &mut snapshot,
+            2,
+            0,
+        ));
         let mut keys: [pg_sys::ScanKeyData; 2] = [Default::default(), Default::default()];
         for (i, arg) in [scope_d, key_d].into_iter().enumerate() {
             pg_sys::ScanKeyEntryInitialize(
@@ -88,16 +120,20 @@ fn scan(
                 (i + 1) as pg_sys::AttrNumber,
                 pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
                 pg_sys::InvalidOid,
-                *(*index).rd_indcollation.add(i),
+                *(*index.as_ptr()).rd_indcollation.add(i),
                 pg_sys::Oid::from(pg_sys::F_TEXTEQ),
                 arg,
             );
         }
-        pg_sys::index_rescan(scan, keys.as_mut_ptr(), 2, std::ptr::null_mut(), 0);
-        let slot = pg_sys::table_slot_create(heap, std::ptr::null_mut());
-        while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+        pg_sys::index_rescan(scan.0, keys.as_mut_ptr(), 2, std::ptr::null_mut(), 0);
+        let slot = Slot::for_table(&heap);
+        while pg_sys::index_getnext_slot(
+            scan.0,
+            pg_sys::ScanDirection::ForwardScanDirection,
+            slot.0,
+        ) {
             let mut should_free = false;
-            let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
+            let tuple = pg_sys::ExecFetchSlotHeapTuple(slot.0, false, &mut should_free);
             let t_self = (*tuple).t_self;
             let t_ctid = (*(*tuple).t_data).t_ctid;
             let xmin = (*(*tuple).t_data).t_choice.t_heap.t_xmin;
@@ -110,24 +146,34 @@ fn scan(
                 ),
                 own: pg_sys::TransactionIdIsCurrentTransactionId(xmin),
             };
-            visit(slot, version);
+            visit(slot.0, table, version);
         }
-        pg_sys::ExecDropSingleTupleTableSlot(slot);
-        pg_sys::index_endscan(scan);
-        pg_sys::index_close(index, pg_sys::NoLock as i32);
-        pg_sys::table_close(heap, pg_sys::NoLock as i32);
+    }
+}
+
+fn scope_column(which: Which) -> usize {
+    match which {
+        Which::Keys => K_SCOPE,
+        Which::Once => O_SCOPE,
+    }
+}
+
+fn key_column(which: Which) -> usize {
+    match which {
+        Which::Keys => K_KEY,
+        Which::Once => O_KEY,
     }
 }
 
 pub fn probe(scope: &str, key: &str) -> Seen {
-    let cat = catalog();
     let mut seen = Seen::Absent;
-    scan(cat.keys, cat.pkey, scope, key, |slot, v| {
+    scan(Which::Keys, scope, key, |slot, table, v| {
+        // SAFETY: `scan` hands over its slot holding a row of `table`.
         let this = unsafe {
             if v.inserting != pg_sys::InvalidTransactionId {
                 Seen::Busy {
                     xid: v.inserting,
-                    row: read_row(slot, &cat.att, false, false),
+                    row: read_row(slot, table, false, false),
                 }
             } else if v.changing != pg_sys::InvalidTransactionId {
                 if v.deleting {
@@ -135,11 +181,11 @@ pub fn probe(scope: &str, key: &str) -> Seen {
                 } else {
                     Seen::Busy {
                         xid: v.changing,
-                        row: read_row(slot, &cat.att, false, false),
+                        row: read_row(slot, table, false, false),
                     }
                 }
             } else {
-                Seen::Found(read_row(slot, &cat.att, v.own, true))
+                Seen::Found(read_row(slot, table, v.own, true))
             }
         };
         // Another transaction's claim outranks what is committed; a row
@@ -164,9 +210,8 @@ pub enum Recorded {
 }
 
 pub fn probe_once(scope: &str, key: &str) -> Recorded {
-    let cat = catalog();
     let mut seen = Recorded::No;
-    scan(cat.once, cat.once_pkey, scope, key, |_, v| {
+    scan(Which::Once, scope, key, |_, _, v| {
         let other = if v.inserting != pg_sys::InvalidTransactionId {
             v.inserting
         } else {
@@ -183,45 +228,54 @@ pub fn probe_once(scope: &str, key: &str) -> Recorded {
 
 /// `with_result` is false for rows of open transactions: their result is not
 /// ours to read (and its TOAST chunks may not be visible).
+///
+/// # Safety
+/// `slot` holds a row of the table `table` describes (the scan's slot, made
+/// from the locked relation whose descriptor `open` checked against it).
 unsafe fn read_row(
     slot: *mut pg_sys::TupleTableSlot,
-    att: &Attnums,
+    table: &Table,
     own: bool,
     with_result: bool,
 ) -> Row {
+    // SAFETY: slot_getallattrs fills tts_values/tts_isnull for every
+    // attribute of the slot's descriptor, which has table.natts attributes;
+    // every position read is one of table.att, all below natts. The
+    // datums' types are the ones `tables` checked for these columns.
     unsafe {
         pg_sys::slot_getallattrs(slot);
+        debug_assert_eq!((*(*slot).tts_tupleDescriptor).natts as usize, table.natts);
         let values = (*slot).tts_values;
         let nulls = (*slot).tts_isnull;
-        let get = |n: i16| -> Option<pg_sys::Datum> {
-            let i = (n - 1) as usize;
+        let get = |column: usize| -> Option<pg_sys::Datum> {
+            let i = table.pos(column);
             if *nulls.add(i) {
                 None
             } else {
                 Some(*values.add(i))
             }
         };
-        let fingerprint = get(att.fingerprint).and_then(|d| {
+        let fingerprint = get(K_FINGERPRINT).and_then(|d| {
             let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
             let bytes = pgrx::varlena::varlena_to_byte_slice(v);
             <[u8; 32]>::try_from(bytes).ok()
         });
-        let recovery_point = get(att.recovery_point).map(|d| {
+        let recovery_point = get(K_RECOVERY_POINT).map(|d| {
             pgrx::varlena::text_to_rust_str(pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr()))
                 .unwrap_or_default()
                 .to_string()
         });
         Row {
-            status: get(att.status).map(|d| d.value() as u8).unwrap_or(0),
-            attempt: get(att.attempt).map(|d| d.value() as i32).unwrap_or(0),
-            token: get(att.token).map(|d| d.value() as i64),
+            status: get(K_STATUS).map(|d| d.value() as u8).unwrap_or(0),
+            attempt: get(K_ATTEMPT).map(|d| d.value() as i32).unwrap_or(0),
+            token: get(K_TOKEN).map(|d| d.value() as i64),
             fingerprint,
-            result: get(att.result)
+            result: get(K_RESULT)
                 .filter(|_| with_result)
                 .map(|d| pg_sys::Datum::from(pg_sys::pg_detoast_datum_copy(d.cast_mut_ptr()))),
             recovery_point,
-            expires_at: get(att.expires_at).map(|d| d.value() as i64),
-            locked_until: get(att.locked_until).map(|d| d.value() as i64),
+            expires_at: get(K_EXPIRES_AT).map(|d| d.value() as i64),
+            locked_until: get(K_LOCKED_UNTIL).map(|d| d.value() as i64),
             own,
             tid: (*slot).tts_tid,
         }

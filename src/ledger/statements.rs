@@ -1,14 +1,18 @@
-//! The statements that update `idempotency.keys` (new rows are inserted by
-//! `direct`), prepared once per backend and kept (`SPI_keepplan`); Postgres' plan cache
-//! re-plans them by itself when a table changes. They run as the tables'
-//! owner (`as_table_owner`) under the caller's `search_path`, so every
-//! operator is schema-qualified: the path cannot change what they mean.
+//! The statements that update `idempotency.keys` (and insert rows that
+//! `insert` cannot write directly), prepared once per backend and kept
+//! (`SPI_keepplan`); Postgres' plan cache re-plans them by itself when a
+//! table changes, and their parameter types are the column types that
+//! `tables` checks. They run as the tables' owner (`execute`) under the
+//! caller's `search_path`, so every operator is schema-qualified: the path
+//! cannot change what they mean.
 //!
 //! Updates address the row by its TID (`ctid = $n`), which the probe or the
 //! previous write returned: a TID scan has no plan to get wrong, whatever the
 //! table's statistics say, and costs no index descent. The scope and key are
 //! checked again on the row, and a row changed since (only a purge can) is
 //! simply not found, which the callers treat as "look again".
+use super::tables::Which;
+use crate::pg::relation::{self, Spi};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::RefCell;
@@ -56,21 +60,50 @@ enum Stmt {
     UpdateOutcome = 1,
     UpdateCheckpoint = 2,
     NextToken = 3,
+    InsertKeys = 4,
+    InsertOnce = 5,
 }
 
-fn sql_of(stmt: Stmt) -> (String, &'static [pg_sys::Oid]) {
+/// `INSERT INTO idempotency.<table> (every column) VALUES ($1, ...)`, for
+/// rows that `insert` cannot write directly.
+fn insert_sql(which: Which) -> (String, Vec<pg_sys::Oid>) {
+    let columns = which.columns();
+    let names = columns
+        .iter()
+        .map(|c| c.name.to_str().expect("ASCII column names"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let params = (1..=columns.len())
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (
+        format!(
+            "INSERT INTO idempotency.{} ({names}) VALUES ({params}) RETURNING ctid",
+            which.name().to_str().expect("ASCII table names")
+        ),
+        columns.iter().map(|c| c.type_oid).collect(),
+    )
+}
+
+fn sql_of(stmt: Stmt) -> (String, Vec<pg_sys::Oid>) {
     match stmt {
-        Stmt::UpdateClaim => (format!("{UPDATE_CLAIM} {THIS_ROW}"), CLAIM_TYPES),
-        Stmt::UpdateOutcome => (format!("{UPDATE_OUTCOME} {THIS_ROW}"), UPDATE_OUTCOME_TYPES),
+        Stmt::UpdateClaim => (format!("{UPDATE_CLAIM} {THIS_ROW}"), CLAIM_TYPES.to_vec()),
+        Stmt::UpdateOutcome => (
+            format!("{UPDATE_OUTCOME} {THIS_ROW}"),
+            UPDATE_OUTCOME_TYPES.to_vec(),
+        ),
         Stmt::UpdateCheckpoint => (
             format!("{UPDATE_CHECKPOINT} {THIS_ROW}"),
-            UPDATE_CHECKPOINT_TYPES,
+            UPDATE_CHECKPOINT_TYPES.to_vec(),
         ),
-        Stmt::NextToken => (NEXT_TOKEN.to_string(), &[]),
+        Stmt::NextToken => (NEXT_TOKEN.to_string(), Vec::new()),
+        Stmt::InsertKeys => insert_sql(Which::Keys),
+        Stmt::InsertOnce => insert_sql(Which::Once),
     }
 }
 
-const COUNT: usize = 4;
+const COUNT: usize = 6;
 
 thread_local! {
     static PLANS: RefCell<[Option<pg_sys::SPIPlanPtr>; COUNT]> = const { RefCell::new([None; COUNT]) };
@@ -89,7 +122,7 @@ fn plan(stmt: Stmt) -> pg_sys::SPIPlanPtr {
             return plan;
         }
         let (sql, types) = sql_of(stmt);
-        let plan = prepare_kept(&sql, types);
+        let plan = prepare_kept(&sql, &types);
         plans[stmt as usize] = Some(plan);
         plan
     })
@@ -100,6 +133,9 @@ fn plan(stmt: Stmt) -> pg_sys::SPIPlanPtr {
 /// (A statement that does not parse raises its own error from SPI_prepare.)
 pub fn prepare_kept(sql: &str, types: &[pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
     let sql = CString::new(sql).expect("no NUL in SQL");
+    // SAFETY: sql is a NUL-terminated string and types has the length
+    // passed; SPI_prepare copies both. SPI_keepplan moves the plan under
+    // CacheMemoryContext, so it outlives this SPI connection.
     unsafe {
         let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_ptr() as *mut _);
         if plan.is_null() {
@@ -119,45 +155,33 @@ enum First {
     Int8(i64),
 }
 
-/// Runs `f` as the key table's owner, like the body of a SECURITY DEFINER
-/// function: the caller needs no rights on the `idempotency` schema. The
-/// caller's role comes back when `f` returns or unwinds (and an aborted
-/// (sub)transaction restores it too).
-fn as_table_owner<T>(f: impl FnOnce() -> T) -> T {
-    struct Restore(pg_sys::Oid, i32);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
-        }
-    }
-    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            super::catalog().owner,
-            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-    }
-    let _restore = Restore(user, context);
-    f()
-}
-
+/// Runs `stmt` as the key table's owner, like the body of a SECURITY
+/// DEFINER function: the caller needs no rights on the `idempotency` schema.
 fn execute(stmt: Stmt, params: &[Param]) -> (u64, First) {
-    as_table_owner(|| execute_as_owner(stmt, params))
+    let owner = super::catalog().owner;
+    relation::as_role(owner, || execute_as_owner(stmt, params))
 }
 
 fn execute_as_owner(stmt: Stmt, params: &[Param]) -> (u64, First) {
+    let _spi = Spi::connect();
+    let plan = plan(stmt);
+    let mut values: Vec<pg_sys::Datum> = params
+        .iter()
+        .map(|p| p.unwrap_or(pg_sys::Datum::from(0usize)))
+        .collect();
+    let nulls: Vec<std::ffi::c_char> = params
+        .iter()
+        .map(|p| if p.is_some() { b' ' } else { b'n' } as std::ffi::c_char)
+        .collect();
+    // SAFETY: the plan was prepared with sql_of(stmt)'s parameter types, and
+    // every caller passes one datum of that type (or NULL) per parameter;
+    // the values and nulls arrays have that length. SPI_tuptable and its
+    // first row are read before SPI_finish frees them, and a TID is copied
+    // out by value.
     unsafe {
-        pg_sys::SPI_connect();
-        let plan = plan(stmt);
-        let mut values: Vec<pg_sys::Datum> = params
-            .iter()
-            .map(|p| p.unwrap_or(pg_sys::Datum::from(0usize)))
-            .collect();
-        let nulls: Vec<std::ffi::c_char> = params
-            .iter()
-            .map(|p| if p.is_some() { b' ' } else { b'n' } as std::ffi::c_char)
-            .collect();
+        if pg_sys::SPI_getargcount(plan) as usize != params.len() {
+            pgrx::error!("idempotency statement expects other parameters");
+        }
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
         if rc < 0 {
             pgrx::error!("idempotency statement failed: SPI code {rc}");
@@ -175,8 +199,23 @@ fn execute_as_owner(stmt: Stmt, params: &[Param]) -> (u64, First) {
                 };
             }
         }
-        pg_sys::SPI_finish();
         (n, first)
+    }
+}
+
+/// Inserts a row with SQL, for when the table needs more than a direct
+/// insert (see `insert`): one value per column of `which.columns()`.
+pub fn insert_row(which: Which, row: &[Param]) -> Tid {
+    let stmt = match which {
+        Which::Keys => Stmt::InsertKeys,
+        Which::Once => Stmt::InsertOnce,
+    };
+    match execute(stmt, row) {
+        (1, First::Tid(t)) => t,
+        _ => pgrx::error!(
+            "the insert into idempotency.{} returned no row",
+            which.name().to_string_lossy()
+        ),
     }
 }
 
@@ -233,6 +272,7 @@ impl Claim<'_> {
             recovery_point: self.recovery_point,
             created_at: self
                 .created_at
+                // SAFETY: reads a backend global.
                 .unwrap_or_else(|| unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }),
             finished_at: None,
             expires_at: None,

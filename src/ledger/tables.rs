@@ -1,8 +1,18 @@
 //! The extension's own tables, `idempotency.keys` and `idempotency.once`
 //! (created in `sql/schema.sql`): where they are and what they look like.
-
+//!
+//! Their description is read from the relcache with the tables locked, once
+//! per backend, checked against the columns the Rust code reads and writes
+//! (names and types), and forgotten whenever either table is invalidated
+//! (ALTER TABLE, DROP/CREATE EXTENSION, an index built or dropped). Callers
+//! open a table through `open`, which locks it first and only then takes
+//! the description, so that what they read matches the table they hold.
+use crate::pg::errors::{error, Code};
+use crate::pg::relation::{self, Rel};
 use pgrx::pg_sys;
-use std::cell::Cell;
+use std::cell::RefCell;
+use std::ffi::CStr;
+use std::rc::Rc;
 
 /// Row status codes as stored in `keys.status`.
 pub const IN_PROGRESS: u8 = b'p';
@@ -10,139 +20,312 @@ pub const COMPLETED: u8 = b'c';
 pub const FAILED: u8 = b'f';
 pub const RELEASED: u8 = b'r';
 
-/// Where the key table lives, found once per backend and forgotten whenever
-/// the table or its index is invalidated (DROP/CREATE EXTENSION, ALTER).
-#[derive(Clone, Copy)]
-pub struct Catalog {
-    pub keys: pg_sys::Oid,
-    /// The role that owns the key table (the extension's owner): the
-    /// prepared statements run as it, as SECURITY DEFINER functions would.
-    pub owner: pg_sys::Oid,
-    pub pkey: pg_sys::Oid,
-    pub att: Attnums,
-    /// Columns of `idempotency.keys`, dropped ones included.
-    pub natts: usize,
-    pub once: pg_sys::Oid,
-    pub once_pkey: pg_sys::Oid,
-    pub once_natts: usize,
-    /// Column positions (0-based) of scope, key and recorded_at in
-    /// `idempotency.once`.
-    pub once_att: [usize; 3],
+/// A column the extension reads or writes.
+pub struct Column {
+    pub name: &'static CStr,
+    pub type_oid: pg_sys::Oid,
+    pub not_null: bool,
 }
 
-/// Column positions of `idempotency.keys` (1-based), looked up by name.
-#[derive(Clone, Copy)]
-pub struct Attnums {
-    pub created_at: i16,
-    pub finished_at: i16,
-    pub lease: i16,
-    pub scope: i16,
-    pub key: i16,
-    pub status: i16,
-    pub attempt: i16,
-    pub token: i16,
-    pub fingerprint: i16,
-    pub result: i16,
-    pub recovery_point: i16,
-    pub expires_at: i16,
-    pub locked_until: i16,
-}
-
-thread_local! {
-    static CATALOG: Cell<Option<Catalog>> = const { Cell::new(None) };
-}
-
-pub fn init() {
-    unsafe {
-        pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_inval), pg_sys::Datum::from(0usize));
+const fn col(name: &'static CStr, type_oid: pg_sys::Oid, not_null: bool) -> Column {
+    Column {
+        name,
+        type_oid,
+        not_null,
     }
 }
 
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn on_relcache_inval(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+/// The columns of `idempotency.keys`, in the order of `schema.sql`; `K_*`
+/// index this list.
+pub const KEYS_COLUMNS: [Column; 13] = [
+    col(c"created_at", pg_sys::TIMESTAMPTZOID, true),
+    col(c"finished_at", pg_sys::TIMESTAMPTZOID, false),
+    col(c"expires_at", pg_sys::TIMESTAMPTZOID, false),
+    col(c"locked_until", pg_sys::TIMESTAMPTZOID, false),
+    col(c"lease", pg_sys::INTERVALOID, false),
+    col(c"token", pg_sys::INT8OID, false),
+    col(c"attempt", pg_sys::INT4OID, true),
+    col(c"status", pg_sys::CHAROID, true),
+    col(c"scope", pg_sys::TEXTOID, true),
+    col(c"key", pg_sys::TEXTOID, true),
+    col(c"fingerprint", pg_sys::BYTEAOID, false),
+    col(c"recovery_point", pg_sys::TEXTOID, false),
+    col(c"result", pg_sys::JSONBOID, false),
+];
+pub const K_CREATED_AT: usize = 0;
+pub const K_FINISHED_AT: usize = 1;
+pub const K_EXPIRES_AT: usize = 2;
+pub const K_LOCKED_UNTIL: usize = 3;
+pub const K_LEASE: usize = 4;
+pub const K_TOKEN: usize = 5;
+pub const K_ATTEMPT: usize = 6;
+pub const K_STATUS: usize = 7;
+pub const K_SCOPE: usize = 8;
+pub const K_KEY: usize = 9;
+pub const K_FINGERPRINT: usize = 10;
+pub const K_RECOVERY_POINT: usize = 11;
+pub const K_RESULT: usize = 12;
+
+/// The columns of `idempotency.once`; `O_*` index this list.
+pub const ONCE_COLUMNS: [Column; 3] = [
+    col(c"recorded_at", pg_sys::TIMESTAMPTZOID, true),
+    col(c"scope", pg_sys::TEXTOID, true),
+    col(c"key", pg_sys::TEXTOID, true),
+];
+pub const O_RECORDED_AT: usize = 0;
+pub const O_SCOPE: usize = 1;
+pub const O_KEY: usize = 2;
+
+/// Which of the two tables.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Which {
+    Keys,
+    Once,
+}
+
+impl Which {
+    pub fn name(self) -> &'static CStr {
+        match self {
+            Which::Keys => c"keys",
+            Which::Once => c"once",
+        }
+    }
+
+    pub fn columns(self) -> &'static [Column] {
+        match self {
+            Which::Keys => &KEYS_COLUMNS,
+            Which::Once => &ONCE_COLUMNS,
+        }
+    }
+
+    /// CHECK constraints the table is created with.
+    fn checks(self) -> usize {
+        match self {
+            Which::Keys => 1,
+            Which::Once => 0,
+        }
+    }
+}
+
+/// One table as it was when described.
+pub struct Table {
+    pub oid: pg_sys::Oid,
+    /// Columns in the descriptor, dropped ones included.
+    pub natts: usize,
+    /// Attribute numbers (1-based) of `Which::columns()`, in that order.
+    pub att: Vec<i16>,
+    /// No column besides the extension's own, and no NOT NULL or CHECK
+    /// constraint besides those it creates: a row formed from the known
+    /// columns is what an INSERT would store. (Triggers and indexes can
+    /// come and go without an invalidation of this description, so
+    /// `insert` checks them on every call.)
+    pub plain: bool,
+}
+
+impl Table {
+    /// The 0-based position in the descriptor of known column `i`.
+    pub fn pos(&self, i: usize) -> usize {
+        (self.att[i] - 1) as usize
+    }
+}
+
+pub struct Catalog {
+    pub keys: Table,
+    pub once: Table,
+    /// The role that owns the key table (the extension's owner): the
+    /// prepared statements run as it, as SECURITY DEFINER functions would.
+    pub owner: pg_sys::Oid,
+}
+
+impl Catalog {
+    pub fn table(&self, which: Which) -> &Table {
+        match which {
+            Which::Keys => &self.keys,
+            Which::Once => &self.once,
+        }
+    }
+}
+
+thread_local! {
+    static CATALOG: RefCell<Option<Rc<Catalog>>> = const { RefCell::new(None) };
+}
+
+pub fn init() {
+    crate::pg::inval::on_relation(forget);
+}
+
+/// Forgets the description when either table (or every relation) is
+/// invalidated.
+fn forget(relid: pg_sys::Oid) {
     CATALOG.with(|c| {
-        if let Some(cat) = c.get() {
-            if relid == pg_sys::InvalidOid
-                || [cat.keys, cat.pkey, cat.once, cat.once_pkey].contains(&relid)
-            {
-                c.set(None);
-            }
+        let mut c = c.borrow_mut();
+        let hit = c.as_ref().is_some_and(|cat| {
+            relid == pg_sys::InvalidOid || relid == cat.keys.oid || relid == cat.once.oid
+        });
+        if hit {
+            *c = None;
         }
     });
 }
 
-pub fn catalog() -> Catalog {
-    if let Some(c) = CATALOG.with(|c| c.get()) {
+fn cached() -> Option<Rc<Catalog>> {
+    CATALOG.with(|c| c.borrow().clone())
+}
+
+/// The description, read afresh if it was forgotten. Prefer `open`, which
+/// ties the description to a lock on the table.
+pub fn catalog() -> Rc<Catalog> {
+    if let Some(c) = cached() {
         return c;
     }
-    let c = unsafe { lookup() };
-    CATALOG.with(|cell| cell.set(Some(c)));
+    let c = Rc::new(describe());
+    CATALOG.with(|cell| *cell.borrow_mut() = Some(c.clone()));
     c
 }
 
-fn missing(what: &str) -> ! {
-    crate::pg::errors::error(
-        pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-        format!("{what} is missing"),
-    )
-    .hint("Reinstall the extension: DROP EXTENSION idempotency; CREATE EXTENSION idempotency;")
-    .raise()
-}
-
-/// The table's column count (dropped columns included) and owner. (That
-/// the table has no trigger and only its primary key, which `direct` relies
-/// on, is checked on every insert, with the table locked.)
-unsafe fn shape(table: pg_sys::Oid) -> (usize, pg_sys::Oid) {
-    unsafe {
-        let rel = pg_sys::table_open(table, pg_sys::AccessShareLock as i32);
-        let natts = (*(*rel).rd_att).natts as usize;
-        let owner = (*(*rel).rd_rel).relowner;
-        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
-        (natts, owner)
+/// Locks `which` in `mode` and opens it, with the description of the table
+/// now locked: an invalidation processed while taking the lock (the table
+/// was altered, or dropped and created again) makes it look again.
+pub fn open(which: Which, mode: u32) -> (Rel, Rc<Catalog>) {
+    loop {
+        let before = catalog();
+        let oid = before.table(which).oid;
+        relation::lock(oid, mode);
+        if let Some(now) = cached() {
+            if now.table(which).oid == oid {
+                // SAFETY: `oid` is locked, and the description that names
+                // it survived the invalidations the lock processed, so the
+                // table exists and cannot be dropped while we hold it.
+                let rel = unsafe { Rel::open_locked(oid) };
+                if rel.natts() != now.table(which).natts {
+                    // The description is forgotten on every change of the
+                    // descriptor; this would be a bug, so refuse to go on.
+                    shape_error(which, "its descriptor changed while it was locked".into());
+                }
+                return (rel, now);
+            }
+        }
+        // Invalidated while we waited for the lock: describe it again. The
+        // lock stays held, as a statement's would.
     }
 }
 
-unsafe fn lookup() -> Catalog {
-    unsafe {
-        let nsp = pg_sys::get_namespace_oid(c"idempotency".as_ptr(), false);
-        let rel = |name: &std::ffi::CStr| {
-            let oid = pg_sys::get_relname_relid(name.as_ptr(), nsp);
-            if oid == pg_sys::InvalidOid {
-                missing(&format!("idempotency.{}", name.to_string_lossy()));
-            }
-            oid
-        };
-        let keys = rel(c"keys");
-        let pkey = rel(c"keys_pkey");
-        let once = rel(c"once");
-        let once_pkey = rel(c"once_pkey");
-        let att = |name: &std::ffi::CStr| pg_sys::get_attnum(keys, name.as_ptr());
-        let (natts, owner) = shape(keys);
-        Catalog {
-            keys,
-            owner,
-            pkey,
-            natts,
-            once,
-            once_pkey,
-            once_natts: shape(once).0,
-            once_att: [c"scope", c"key", c"recorded_at"]
-                .map(|name| pg_sys::get_attnum(once, name.as_ptr()) as usize - 1),
-            att: Attnums {
-                created_at: att(c"created_at"),
-                finished_at: att(c"finished_at"),
-                lease: att(c"lease"),
-                scope: att(c"scope"),
-                key: att(c"key"),
-                status: att(c"status"),
-                attempt: att(c"attempt"),
-                token: att(c"token"),
-                fingerprint: att(c"fingerprint"),
-                result: att(c"result"),
-                recovery_point: att(c"recovery_point"),
-                expires_at: att(c"expires_at"),
-                locked_until: att(c"locked_until"),
-            },
+fn missing(what: &str) -> ! {
+    error(Code::ERRCODE_UNDEFINED_TABLE, format!("{what} is missing"))
+        .hint("Reinstall the extension: DROP EXTENSION idempotency; CREATE EXTENSION idempotency;")
+        .raise()
+}
+
+fn shape_error(which: Which, why: String) -> ! {
+    error(
+        Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!(
+            "idempotency.{} is not as the extension created it: {why}",
+            which.name().to_string_lossy()
+        ),
+    )
+    .hint("Undo the change to the table, or reinstall the extension.")
+    .raise()
+}
+
+fn relid(nsp: pg_sys::Oid, which: Which) -> pg_sys::Oid {
+    // SAFETY: get_relname_relid reads the syscache; it returns InvalidOid
+    // when there is no such relation.
+    let oid = unsafe { pg_sys::get_relname_relid(which.name().as_ptr(), nsp) };
+    if oid == pg_sys::InvalidOid {
+        missing(&format!("idempotency.{}", which.name().to_string_lossy()));
+    }
+    oid
+}
+
+/// Finds both tables, locks them (AccessShareLock, as any reader would),
+/// and describes them from their locked relcache entries.
+fn describe() -> Catalog {
+    // SAFETY: reads a backend global.
+    if unsafe { pg_sys::GetDatabaseEncoding() } != pg_sys::pg_enc::PG_UTF8 as i32 {
+        error(
+            Code::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "idempotency requires a database with UTF8 encoding",
+        )
+        .hint("Create the database with ENCODING 'UTF8'.")
+        .raise();
+    }
+    // SAFETY: get_namespace_oid reads the syscache; with missing_ok it
+    // returns InvalidOid for a missing schema.
+    let nsp = unsafe { pg_sys::get_namespace_oid(c"idempotency".as_ptr(), true) };
+    if nsp == pg_sys::InvalidOid {
+        missing("the schema idempotency");
+    }
+    // Look, lock, and look again until the names lead to the OIDs locked
+    // (a concurrent DROP/CREATE EXTENSION can change them in between).
+    let (keys_oid, once_oid) = loop {
+        let (k, o) = (relid(nsp, Which::Keys), relid(nsp, Which::Once));
+        relation::lock(k, pg_sys::AccessShareLock);
+        relation::lock(o, pg_sys::AccessShareLock);
+        if relid(nsp, Which::Keys) == k && relid(nsp, Which::Once) == o {
+            break (k, o);
         }
+    };
+    // SAFETY: both OIDs are locked and were found by name after locking.
+    let (keys, once) = unsafe { (Rel::open_locked(keys_oid), Rel::open_locked(once_oid)) };
+    // SAFETY: rd_rel of an open relation is its pg_class row.
+    let owner = unsafe { (*(*keys.as_ptr()).rd_rel).relowner };
+    Catalog {
+        keys: table(&keys, Which::Keys),
+        once: table(&once, Which::Once),
+        owner,
+    }
+}
+
+/// Checks one locked table's descriptor against the columns the extension
+/// uses, and finds their positions.
+fn table(rel: &Rel, which: Which) -> Table {
+    let desc = rel.desc();
+    let natts = rel.natts();
+    // SAFETY: desc is the open relation's descriptor with natts attributes.
+    let attrs: Vec<&pg_sys::FormData_pg_attribute> = unsafe {
+        (0..natts)
+            .map(|i| &*(*desc).attrs.as_ptr().add(i))
+            .collect()
+    };
+    let name_of = |a: &pg_sys::FormData_pg_attribute| {
+        // SAFETY: attname is a NUL-terminated NameData.
+        unsafe { CStr::from_ptr(a.attname.data.as_ptr()) }
+    };
+    let mut att = Vec::with_capacity(which.columns().len());
+    let mut plain = rel.check_constraints() == which.checks();
+    for column in which.columns() {
+        let Some(a) = attrs
+            .iter()
+            .find(|a| !a.attisdropped && name_of(a) == column.name)
+        else {
+            shape_error(
+                which,
+                format!("column \"{}\" is missing", column.name.to_string_lossy()),
+            );
+        };
+        if a.atttypid != column.type_oid {
+            shape_error(
+                which,
+                format!(
+                    "column \"{}\" has another type",
+                    column.name.to_string_lossy()
+                ),
+            );
+        }
+        if a.attnotnull != column.not_null {
+            plain = false;
+        }
+        att.push(a.attnum);
+    }
+    let live = attrs.iter().filter(|a| !a.attisdropped).count();
+    if live != which.columns().len() {
+        plain = false;
+    }
+    Table {
+        oid: rel.oid(),
+        natts,
+        att,
+        plain,
     }
 }

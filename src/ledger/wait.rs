@@ -18,11 +18,17 @@ pub fn bounded(
     deadline: pg_sys::TimestampTz,
     wait: impl FnOnce() + std::panic::UnwindSafe,
 ) -> bool {
+    // SAFETY: reads the system clock.
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     if now >= deadline {
         return false;
     }
     let left_ms = ((deadline - now + 999) / 1000).clamp(1, i32::MAX as i64) as i32;
+    // SAFETY: the internal subtransaction is ended on every path: released
+    // when `wait` returns, rolled back when it raises (lock_timeout or any
+    // other error, which is then raised again); `finally` puts back the
+    // memory context, resource owner and lock_timeout the subtransaction
+    // changed. `wait` only waits for a lock.
     unsafe {
         let old_context = pg_sys::CurrentMemoryContext;
         let old_owner = pg_sys::CurrentResourceOwner;
@@ -67,6 +73,8 @@ pub fn bounded(
 
 /// Waits until transaction `xid` ends or `deadline` passes.
 pub fn wait_for_transaction(xid: pg_sys::TransactionId, deadline: pg_sys::TimestampTz) {
+    // SAFETY: waits for transaction xid to end (a lock wait taking part in
+    // deadlock detection), or raises an ERROR.
     bounded(deadline, || unsafe {
         pg_sys::XactLockTableWait(
             xid,
@@ -81,11 +89,14 @@ pub fn wait_for_transaction(xid: pg_sys::TransactionId, deadline: pg_sys::Timest
 /// stays prompt.
 pub fn sleep_until(until: pg_sys::TimestampTz) {
     loop {
+        // SAFETY: reads the system clock.
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
         if now >= until {
             return;
         }
         let ms = ((until - now + 999) / 1000).clamp(1, 10);
+        // SAFETY: waits on this backend's own latch for at most ms
+        // milliseconds (exiting if the postmaster dies), then resets it.
         unsafe {
             pg_sys::WaitLatch(
                 pg_sys::MyLatch,

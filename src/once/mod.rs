@@ -1,13 +1,20 @@
 //! `idem_once`: the deduplication ledger for side effects and webhooks.
 use crate::ledger::insert;
+use crate::ledger::key_and_scope;
 use crate::ledger::lock::{self, KeyLock, Space};
 use crate::ledger::probe::{probe_once, Recorded};
-use crate::ledger::{check_writable, key_and_scope};
-use crate::pg::fmgr::{finfo_v1, Args};
+use crate::pg::fmgr::{finfo_v1, Args, Signature};
+use crate::pg::relation::check_writable;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 finfo_v1!(pg_finfo_idem_once);
+
+const SIGNATURE: Signature = Signature {
+    name: "idem_once",
+    args: &[pg_sys::TEXTOID, pg_sys::TEXTOID],
+    result: Some(pg_sys::BOOLOID),
+};
 
 /// `idem_once(key, scope) returns boolean`: true the first time the key is
 /// recorded (the record commits with the caller's transaction), false when
@@ -17,9 +24,11 @@ finfo_v1!(pg_finfo_idem_once);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn idem_once(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let args = unsafe { Args::new(fcinfo) };
+    // SAFETY: Postgres calls this with the call info of idem_once.
+    let args = unsafe { Args::new(fcinfo, &SIGNATURE) };
     let (key, scope) = key_and_scope(&args, 0, 1);
     check_writable(c"idem_once");
+    // SAFETY: reads a backend global.
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     pg_sys::Datum::from(record(&scope, &key, now))
 }
@@ -44,6 +53,8 @@ fn record(scope: &str, key: &str, now: pg_sys::TimestampTz) -> bool {
                 if let Some(lock) = locked.take() {
                     lock.release();
                 }
+                // SAFETY: waits for transaction xid to end (a lock wait
+                // that takes part in deadlock detection), or raises an ERROR.
                 unsafe {
                     pg_sys::XactLockTableWait(
                         xid,

@@ -1,8 +1,16 @@
 //! Thin helpers for the version-1 C functions declared in `sql/functions.sql`:
 //! reading arguments as the SQL types they are declared with, and returning a
-//! composite row with the function's OUT parameters as its columns.
-use pgrx::{pg_sys, FromDatum, IntoDatum};
-use std::ptr::null_mut;
+//! composite row.
+//!
+//! Nothing here trusts the SQL declaration blindly: the first call of each
+//! function (per backend and function OID) compares the declared argument
+//! and result types with the ones the Rust code reads, and a row is formed
+//! only from a descriptor whose column types were checked. A library and an
+//! SQL script of different versions then fail with a clear error instead of
+//! reading a datum as the wrong type.
+use crate::pg::errors::{error, Code};
+use pgrx::{pg_sys, IntoDatum};
+use std::cell::RefCell;
 
 /// Declares the `pg_finfo_*` record Postgres looks up for a version-1 function.
 macro_rules! finfo_v1 {
@@ -18,18 +26,150 @@ macro_rules! finfo_v1 {
 }
 pub(crate) use finfo_v1;
 
+/// What the Rust side of a C function reads and returns.
+pub struct Signature {
+    pub name: &'static str,
+    pub args: &'static [pg_sys::Oid],
+    /// The result type, or None for a composite type whose columns
+    /// `return_row` checks.
+    pub result: Option<pg_sys::Oid>,
+}
+
+/// A function whose declaration was checked, with its result type.
+#[derive(Clone, Copy)]
+struct Checked {
+    fn_oid: pg_sys::Oid,
+    result: pg_sys::Oid,
+}
+
+/// A composite result type whose descriptor was checked.
+#[derive(Clone, Copy)]
+struct CheckedRow {
+    type_oid: pg_sys::Oid,
+    /// The type cache's identifier of the descriptor that was checked; a
+    /// changed type (ALTER TYPE) gets a new one.
+    identifier: u64,
+}
+
+thread_local! {
+    // A function keeps its OID and argument types for life (CREATE OR
+    // REPLACE cannot change them, nor the result type), so a check per OID
+    // holds until the backend exits. A dozen functions: a list is enough.
+    static CHECKED: RefCell<Vec<Checked>> = const { RefCell::new(Vec::new()) };
+    static CHECKED_ROWS: RefCell<Vec<CheckedRow>> = const { RefCell::new(Vec::new()) };
+}
+
+fn type_name(oid: pg_sys::Oid) -> String {
+    // SAFETY: format_type_be returns a palloc'd NUL-terminated string for
+    // any OID (a missing type prints as "???").
+    unsafe {
+        std::ffi::CStr::from_ptr(pg_sys::format_type_be(oid))
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+fn names(oids: &[pg_sys::Oid]) -> String {
+    oids.iter()
+        .map(|o| type_name(*o))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn mismatch(what: String) -> ! {
+    error(Code::ERRCODE_INVALID_FUNCTION_DEFINITION, what)
+        .hint("The extension's SQL objects and its shared library are of different versions: run ALTER EXTENSION idempotency UPDATE, or reinstall the extension.")
+        .raise()
+}
+
+/// Checks the declaration of the function being called against `sig`, once
+/// per backend and function; returns its result type.
+///
+/// # Safety
+/// `fcinfo` is the call info Postgres passed to a version-1 function.
+unsafe fn check(fcinfo: pg_sys::FunctionCallInfo, sig: &Signature) -> pg_sys::Oid {
+    // SAFETY: fmgr fills flinfo for every call through the function
+    // manager, which is how SQL calls these functions.
+    let fn_oid = unsafe {
+        let flinfo = (*fcinfo).flinfo;
+        if flinfo.is_null() {
+            mismatch(format!("{} was called without function info", sig.name));
+        }
+        (*flinfo).fn_oid
+    };
+    let known = CHECKED.with(|c| {
+        c.borrow()
+            .iter()
+            .find(|c| c.fn_oid == fn_oid)
+            .map(|c| c.result)
+    });
+    if let Some(result) = known {
+        return result;
+    }
+    let mut argtypes: *mut pg_sys::Oid = std::ptr::null_mut();
+    let mut nargs: i32 = 0;
+    // SAFETY: get_func_signature raises an ERROR for an unknown OID and
+    // otherwise returns a palloc'd array of nargs argument types.
+    let (result, declared) = unsafe {
+        let result = pg_sys::get_func_signature(fn_oid, &mut argtypes, &mut nargs);
+        let declared = if nargs > 0 {
+            std::slice::from_raw_parts(argtypes, nargs as usize).to_vec()
+        } else {
+            Vec::new()
+        };
+        (result, declared)
+    };
+    if declared != sig.args {
+        mismatch(format!(
+            "function {} is declared with arguments ({}) but the library reads ({})",
+            sig.name,
+            names(&declared),
+            names(sig.args)
+        ));
+    }
+    if let Some(expected) = sig.result {
+        if result != expected {
+            mismatch(format!(
+                "function {} is declared to return {} but the library returns {}",
+                sig.name,
+                type_name(result),
+                type_name(expected)
+            ));
+        }
+    }
+    CHECKED.with(|c| c.borrow_mut().push(Checked { fn_oid, result }));
+    result
+}
+
 pub struct Args {
     fcinfo: pg_sys::FunctionCallInfo,
+    result: pg_sys::Oid,
 }
 
 impl Args {
+    /// The arguments of a call of the function `sig` describes, after
+    /// checking its declaration (see `check`).
+    ///
     /// # Safety
     /// `fcinfo` is the call info Postgres passed to a version-1 function.
-    pub unsafe fn new(fcinfo: pg_sys::FunctionCallInfo) -> Self {
-        Args { fcinfo }
+    pub unsafe fn new(fcinfo: pg_sys::FunctionCallInfo, sig: &Signature) -> Self {
+        // SAFETY: as the caller promises; check() reads flinfo only.
+        let result = unsafe { check(fcinfo, sig) };
+        // SAFETY: nargs is set by fmgr for every call.
+        let nargs = unsafe { (*fcinfo).nargs } as usize;
+        if nargs != sig.args.len() {
+            mismatch(format!(
+                "function {} was called with {nargs} arguments, not {}",
+                sig.name,
+                sig.args.len()
+            ));
+        }
+        Args { fcinfo, result }
     }
 
     fn nullable(&self, i: usize) -> Option<pg_sys::Datum> {
+        // SAFETY: i < nargs (the signatures index only declared arguments,
+        // and `new` checked their count); args[i] is initialised by fmgr.
         unsafe {
             let n = pgrx::fcinfo::pg_get_nullable_datum(self.fcinfo, i);
             if n.isnull {
@@ -41,8 +181,9 @@ impl Args {
     }
 
     pub fn text(&self, i: usize) -> Option<String> {
+        // SAFETY: argument i is declared text (checked in `new`).
         self.nullable(i)
-            .and_then(|d| unsafe { String::from_datum(d, false) })
+            .and_then(|d| unsafe { <String as pgrx::FromDatum>::from_datum(d, false) })
     }
 
     pub fn datum(&self, i: usize) -> Option<pg_sys::Datum> {
@@ -58,26 +199,91 @@ impl Args {
     }
 
     pub fn interval(&self, i: usize) -> Option<pg_sys::Interval> {
+        // SAFETY: argument i is declared interval (checked in `new`), a
+        // by-reference type whose datum points at an Interval.
         self.nullable(i)
             .map(|d| unsafe { *(d.cast_mut_ptr::<pg_sys::Interval>()) })
     }
 
-    /// The interval argument as microseconds, months counted as 30 days and
-    /// days as 24 hours, as Postgres itself compares intervals.
-    pub fn interval_micros(&self, i: usize) -> Option<i128> {
-        self.interval(i).map(|iv| interval_micros(&iv))
+    /// Builds the call's composite result row from `values`/`nulls`,
+    /// checking (once per version of the result type) that its columns have
+    /// exactly `types`.
+    pub fn return_row(
+        &self,
+        types: &[pg_sys::Oid],
+        values: &mut [pg_sys::Datum],
+        nulls: &mut [bool],
+    ) -> pg_sys::Datum {
+        assert_eq!(values.len(), types.len());
+        assert_eq!(nulls.len(), types.len());
+        // SAFETY: lookup_type_cache raises an ERROR for an unknown type and
+        // returns the type cache entry, whose tupDesc is set (or NULL for a
+        // non-composite type) when TYPECACHE_TUPDESC is asked for.
+        let (desc, identifier) = unsafe {
+            let entry = pg_sys::lookup_type_cache(self.result, pg_sys::TYPECACHE_TUPDESC as i32);
+            ((*entry).tupDesc, (*entry).tupDesc_identifier)
+        };
+        let checked = CHECKED_ROWS.with(|c| {
+            c.borrow()
+                .iter()
+                .any(|c| c.type_oid == self.result && c.identifier == identifier)
+        });
+        if !checked {
+            if desc.is_null() {
+                mismatch(format!(
+                    "the result type {} is not a composite type",
+                    type_name(self.result)
+                ));
+            }
+            // SAFETY: desc is the type cache's valid descriptor; attrs has
+            // natts entries.
+            let declared: Vec<pg_sys::Oid> = unsafe {
+                (0..(*desc).natts as usize)
+                    .map(|i| {
+                        let att = (*desc).attrs.as_ptr().add(i);
+                        if (*att).attisdropped {
+                            pg_sys::InvalidOid
+                        } else {
+                            (*att).atttypid
+                        }
+                    })
+                    .collect()
+            };
+            if declared != types {
+                mismatch(format!(
+                    "the result type {} has columns ({}) but the library returns ({})",
+                    type_name(self.result),
+                    names(&declared),
+                    names(types)
+                ));
+            }
+            CHECKED_ROWS.with(|c| {
+                let mut c = c.borrow_mut();
+                c.retain(|c| c.type_oid != self.result);
+                c.push(CheckedRow {
+                    type_oid: self.result,
+                    identifier,
+                });
+            });
+        }
+        // SAFETY: desc has exactly values.len() columns of the types of
+        // `values` (checked above against this very descriptor version);
+        // heap_form_tuple copies the values into a new palloc'd tuple whose
+        // header carries the named type's OID.
+        unsafe {
+            let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            pg_sys::HeapTupleHeaderGetDatum((*tuple).t_data)
+        }
     }
-}
-
-pub fn interval_micros(iv: &pg_sys::Interval) -> i128 {
-    const DAY: i128 = 86_400_000_000;
-    iv.time as i128 + iv.day as i128 * DAY + iv.month as i128 * 30 * DAY
 }
 
 /// `ts + interval` with Postgres' own calendar arithmetic.
 pub fn timestamptz_plus(ts: pg_sys::TimestampTz, iv: &pg_sys::Interval) -> pg_sys::TimestampTz {
+    let mut copy = *iv;
+    // SAFETY: timestamptz_pl_interval takes a timestamptz by value and an
+    // Interval by reference (a pointer to our copy, alive for the call),
+    // and returns a timestamptz by value; it raises an ERROR on overflow.
     unsafe {
-        let mut copy = *iv;
         let d = pgrx::direct_function_call_as_datum(
             pg_sys::timestamptz_pl_interval,
             &[
@@ -90,42 +296,11 @@ pub fn timestamptz_plus(ts: pg_sys::TimestampTz, iv: &pg_sys::Interval) -> pg_sy
     }
 }
 
-thread_local! {
-    /// Blessed result descriptors by function OID, kept for the backend's
-    /// life (a re-created function has a new OID). A prepared statement
-    /// builds a fresh FmgrInfo on every execution, so `fn_extra` alone would
-    /// not save the work.
-    static RESULT_DESCS: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, usize>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
-}
-
-/// Builds the result row of a function declared with OUT parameters.
-pub unsafe fn return_row(
-    fcinfo: pg_sys::FunctionCallInfo,
-    values: &mut [pg_sys::Datum],
-    nulls: &mut [bool],
-) -> pg_sys::Datum {
-    unsafe {
-        let fn_oid = (*(*fcinfo).flinfo).fn_oid;
-        let cached = RESULT_DESCS.with(|d| d.borrow().get(&fn_oid).copied());
-        let desc = match cached {
-            Some(ptr) => ptr as pg_sys::TupleDesc,
-            None => {
-                let mut td: pg_sys::TupleDesc = null_mut();
-                let kind = pg_sys::get_call_result_type(fcinfo, null_mut(), &mut td);
-                if kind != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE {
-                    pgrx::error!("function returning record called in context that cannot accept type record");
-                }
-                let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
-                let desc = pg_sys::BlessTupleDesc(pg_sys::CreateTupleDescCopy(td));
-                pg_sys::MemoryContextSwitchTo(old);
-                RESULT_DESCS.with(|d| d.borrow_mut().insert(fn_oid, desc as usize));
-                desc
-            }
-        };
-        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        pg_sys::HeapTupleHeaderGetDatum((*tuple).t_data)
-    }
+/// Whether `ts + iv` is later than `ts`, by calendar arithmetic: what makes
+/// a lease or a time to live positive. (`1 month -29 days` is positive from
+/// March 1 and not from January 31.)
+pub fn ends_after(ts: pg_sys::TimestampTz, iv: &pg_sys::Interval) -> bool {
+    timestamptz_plus(ts, iv) > ts
 }
 
 /// A text datum, or NULL.

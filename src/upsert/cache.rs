@@ -1,7 +1,6 @@
-//! The caller's table, for `idem_upsert` and `idem_insert_once`: what it
-//! looks like (columns, unique keys), the statements built for it, and their
-//! prepared plans, kept per backend and per (table, columns, conflict
-//! columns) and thrown away when the table changes.
+//! The caller's tables as this backend knows them: one description per
+//! table (`table::Target`), which carries the plans prepared for it, thrown
+//! away when the table or its schema changes.
 //!
 //! Statements are built from identifiers Postgres quotes (`quote_identifier`)
 //! and take the row's values as bound parameters of the columns' own types,
@@ -9,13 +8,19 @@
 //! it; a row with an array, composite, domain or json column is bound as one
 //! jsonb parameter turned into the table's row type by
 //! `jsonb_populate_record` itself. No value is ever spliced into SQL.
+//!
+//! A description is read only with the table locked (the caller locks it
+//! before asking), so it matches the table the statements will run on, and
+//! no ALTER TABLE can change the table until the transaction ends. Plans and
+//! memory of a forgotten description are freed at the start of the next
+//! outermost call, since an invalidation can arrive while one of its plans
+//! is running.
+use super::table::{self, Target};
+use crate::pg::inval;
 use pgrx::pg_sys;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
-
-pub use super::table::Target;
-use super::{statements, table};
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Kind {
@@ -27,111 +32,108 @@ pub enum Kind {
     Insert,
 }
 
-type PlanKey = (pg_sys::Oid, Vec<String>, Vec<String>, Kind);
-
-#[derive(Default)]
-struct Cache {
-    targets: HashMap<pg_sys::Oid, Rc<Target>>,
-    plans: HashMap<PlanKey, Option<pg_sys::SPIPlanPtr>>,
-    /// Plans of changed tables, freed at the next outermost call: an
-    /// invalidation can arrive while one of them is running.
-    stale: Vec<pg_sys::SPIPlanPtr>,
-    depth: u32,
+/// What a forgotten description leaves to free.
+enum Stale {
+    Plan(pg_sys::SPIPlanPtr),
+    Context(pg_sys::MemoryContext),
 }
 
 thread_local! {
-    static CACHE: RefCell<Cache> = RefCell::new(Cache::default());
+    static TARGETS: RefCell<HashMap<pg_sys::Oid, Rc<Target>>> = RefCell::new(HashMap::new());
+    static STALE: RefCell<Vec<Stale>> = const { RefCell::new(Vec::new()) };
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// Counts invalidations, so that a description read while one arrived
+    /// is used once and not kept.
+    static INVALIDATIONS: Cell<u64> = const { Cell::new(0) };
 }
 
 pub fn init() {
-    unsafe {
-        pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_inval), pg_sys::Datum::from(0usize));
-        // A renamed schema changes the qualified names in the statements
-        // without touching the tables' relcache entries.
-        pg_sys::CacheRegisterSyscacheCallback(
-            pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
-            Some(on_namespace_inval),
-            pg_sys::Datum::from(0usize),
-        );
-    }
+    inval::on_relation(forget_table);
+    inval::on_namespace_change(forget_namespace);
 }
 
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn on_namespace_inval(_arg: pg_sys::Datum, _cacheid: i32, _hash: u32) {
-    unsafe { on_relcache_inval(pg_sys::Datum::from(0usize), pg_sys::InvalidOid) };
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn on_relcache_inval(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        let all = relid == pg_sys::InvalidOid;
-        if all {
-            c.targets.clear();
+/// Forgets one table's description (or all, for InvalidOid). The targets
+/// leave the map before they are dropped, so that their Drop (which records
+/// what to free) never runs inside the map's borrow.
+fn forget_table(relid: pg_sys::Oid) {
+    INVALIDATIONS.set(INVALIDATIONS.get() + 1);
+    let gone: Vec<Rc<Target>> = TARGETS.with(|t| {
+        let mut t = t.borrow_mut();
+        if relid == pg_sys::InvalidOid {
+            t.drain().map(|(_, v)| v).collect()
         } else {
-            c.targets.remove(&relid);
-        }
-        let gone: Vec<PlanKey> = c
-            .plans
-            .keys()
-            .filter(|k| all || k.0 == relid)
-            .cloned()
-            .collect();
-        for k in gone {
-            if let Some(Some(plan)) = c.plans.remove(&k) {
-                c.stale.push(plan);
-            }
+            t.remove(&relid).into_iter().collect()
         }
     });
+    drop(gone);
 }
 
-/// Marks a call in progress; frees stale plans when no call is running.
+/// A renamed schema changes the qualified names in the statements without
+/// touching the tables' relcache entries: forget the targets in it (hash 0:
+/// in every schema).
+fn forget_namespace(hash: u32) {
+    INVALIDATIONS.set(INVALIDATIONS.get() + 1);
+    let gone: Vec<Rc<Target>> = TARGETS.with(|t| {
+        let mut t = t.borrow_mut();
+        let hit: Vec<pg_sys::Oid> = t
+            .iter()
+            .filter(|(_, v)| hash == 0 || v.namespace_hash == hash)
+            .map(|(k, _)| *k)
+            .collect();
+        hit.iter().filter_map(|k| t.remove(k)).collect()
+    });
+    drop(gone);
+}
+
+pub fn retire_plan(plan: pg_sys::SPIPlanPtr) {
+    STALE.with(|s| s.borrow_mut().push(Stale::Plan(plan)));
+}
+
+pub fn retire_context(context: pg_sys::MemoryContext) {
+    STALE.with(|s| s.borrow_mut().push(Stale::Context(context)));
+}
+
+/// Marks a call in progress; frees what forgotten descriptions left when no
+/// call is running.
 pub struct Entered;
 
 pub fn enter() -> Entered {
-    CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.depth == 0 {
-            for plan in std::mem::take(&mut c.stale) {
-                unsafe { pg_sys::SPI_freeplan(plan) };
+    if DEPTH.get() == 0 {
+        let stale = STALE.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        for s in stale {
+            // SAFETY: no call is running (depth 0), so no plan of a
+            // forgotten target is executing and no input function of one
+            // is using its context; each was retired exactly once.
+            unsafe {
+                match s {
+                    Stale::Plan(p) => {
+                        pg_sys::SPI_freeplan(p);
+                    }
+                    Stale::Context(c) => pg_sys::MemoryContextDelete(c),
+                }
             }
         }
-        c.depth += 1;
-    });
+    }
+    DEPTH.set(DEPTH.get() + 1);
     Entered
 }
 
 impl Drop for Entered {
     fn drop(&mut self) {
         // Runs on success and while an error unwinds; depth only counts.
-        CACHE.with(|c| c.borrow_mut().depth -= 1);
+        DEPTH.set(DEPTH.get() - 1);
     }
 }
 
+/// The description of `relid`, which the caller has locked.
 pub fn target(relid: pg_sys::Oid) -> Rc<Target> {
-    if let Some(t) = CACHE.with(|c| c.borrow().targets.get(&relid).cloned()) {
+    if let Some(t) = TARGETS.with(|c| c.borrow().get(&relid).cloned()) {
         return t;
     }
+    let before = INVALIDATIONS.get();
     let t = Rc::new(table::load(relid));
-    CACHE.with(|c| c.borrow_mut().targets.insert(relid, t.clone()));
-    t
-}
-
-/// The prepared plan for these columns, built on first use; None when the
-/// statement has nothing to do (see `statements::build`).
-pub fn plan(
-    target: &Target,
-    columns: &[String],
-    conflict: &[String],
-    kind: Kind,
-) -> Option<pg_sys::SPIPlanPtr> {
-    let key = (target.relid, columns.to_vec(), conflict.to_vec(), kind);
-    if let Some(p) = CACHE.with(|c| c.borrow().plans.get(&key).copied()) {
-        return p;
+    if INVALIDATIONS.get() == before {
+        TARGETS.with(|c| c.borrow_mut().insert(relid, t.clone()));
     }
-    let plan = statements::build(target, columns, conflict, kind).map(|sql| {
-        crate::ledger::statements::prepare_kept(&sql, &statements::parameter_types(target, columns))
-    });
-    CACHE.with(|c| c.borrow_mut().plans.insert(key, plan));
-    plan
+    t
 }

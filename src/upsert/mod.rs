@@ -1,12 +1,14 @@
 //! `idem_upsert` and `idem_insert_once`: retry-safe writes to the caller's
 //! own tables, with the caller's privileges.
 use crate::pg::errors::{error, Code};
-use crate::pg::fmgr::{finfo_v1, Args};
+use crate::pg::fmgr::{finfo_v1, Args, Signature};
+use crate::pg::relation::{self, Spi};
 mod cache;
 mod statements;
 mod table;
 
-use cache::{Kind, Target};
+use cache::Kind;
+use table::Target;
 
 pub fn init() {
     cache::init();
@@ -18,8 +20,10 @@ use pgrx::IntoDatum;
 struct Call {
     target: std::rc::Rc<Target>,
     /// The statements' parameters: the columns' values in `columns` order,
-    /// or the row itself as one jsonb (see `target::statements::Source`).
+    /// or the row itself as one jsonb (see `statements::Source`).
     values: Vec<pg_sys::Datum>,
+    /// The type of each of `values`.
+    types: Vec<pg_sys::Oid>,
     nulls: Vec<std::ffi::c_char>,
     columns: Vec<String>,
     conflict: Vec<String>,
@@ -39,6 +43,9 @@ fn not_null<T>(v: Option<T>, what: &str) -> T {
 /// the detoasted row, which lives as long as the call); None when it is
 /// not an object.
 fn object_entries(row: pg_sys::Datum) -> Option<Vec<(String, pg_sys::JsonbValue)>> {
+    // SAFETY: row is a jsonb datum (the declared type of the argument);
+    // the iterator walks its detoasted copy, which lives as long as the
+    // call's memory context, and so do the values that point into it.
     unsafe {
         let jb = pg_sys::pg_detoast_datum(row.cast_mut_ptr()) as *mut pg_sys::Jsonb;
         let mut it = pg_sys::JsonbIteratorInit(&mut (*jb).root);
@@ -77,7 +84,13 @@ fn prepare_call(args: &Args, what: &str) -> Call {
     let row = not_null(args.datum(1), "row");
     let conflict_arg: Option<Vec<Option<String>>> = args
         .datum(2)
+        // SAFETY: argument 2 is declared text[] (checked by Args::new).
         .and_then(|d| unsafe { Vec::<Option<String>>::from_datum(d, false) });
+    // Lock first, then look: the lock (the one the statements take anyway)
+    // processes pending invalidations, so the description read next is the
+    // table's shape now, and no ALTER TABLE can change it before the
+    // transaction ends.
+    relation::lock(relid, pg_sys::RowExclusiveLock);
     let target = cache::target(relid);
     let name = &target.name;
 
@@ -169,6 +182,7 @@ fn prepare_call(args: &Args, what: &str) -> Call {
             Some(_) => {}
         }
     }
+    let types = statements::parameter_types(&target, &columns);
     let (values, nulls) = if target.typed(&columns) {
         entries
             .iter_mut()
@@ -185,6 +199,7 @@ fn prepare_call(args: &Args, what: &str) -> Call {
     Call {
         target,
         values,
+        types,
         nulls,
         columns,
         conflict,
@@ -198,6 +213,10 @@ fn convert(column: &table::Column, v: &mut pg_sys::JsonbValue) -> Option<pg_sys:
     if v.type_ == pg_sys::jbvType::jbvNull {
         return None;
     }
+    // SAFETY: v is a scalar or container value of the row's jsonb (see
+    // object_entries); the text made from it is NUL-terminated and
+    // palloc'd; the input function is the column type's own, with the
+    // column's type modifier, so the datum is of the column's type.
     unsafe {
         match column.conversion.as_ref().expect("typed columns convert") {
             Conversion::Jsonb => Some(pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(v))),
@@ -236,31 +255,54 @@ fn convert(column: &table::Column, v: &mut pg_sys::JsonbValue) -> Option<pg_sys:
 /// Runs the call's statement of `kind` (SPI connected); returns the number
 /// of rows it changed or found (0 when the statement has nothing to do).
 fn run(call: &Call, kind: Kind) -> u64 {
+    let Some(plan) = call.target.plan(&call.columns, &call.conflict, kind) else {
+        return 0;
+    };
+    // SAFETY: the plan is alive (the call holds its Rc, and freed plans are
+    // only freed between calls); its argument types are compared with the
+    // values' types before it runs, and values/nulls have one entry each.
     unsafe {
-        match cache::plan(&call.target, &call.columns, &call.conflict, kind) {
-            None => 0,
-            Some(plan) => {
-                let values = call.values.as_ptr() as *mut pg_sys::Datum;
-                let rc = pg_sys::SPI_execute_plan(plan, values, call.nulls.as_ptr(), false, 0);
-                if rc < 0 {
-                    pgrx::error!(
-                        "the statement for {} failed: SPI code {rc}",
-                        call.target.name
-                    );
-                }
-                pg_sys::SPI_processed
-            }
+        let n = pg_sys::SPI_getargcount(plan.ptr) as usize;
+        let types: Vec<pg_sys::Oid> = (0..n)
+            .map(|i| pg_sys::SPI_getargtypeid(plan.ptr, i as i32))
+            .collect();
+        if types != call.types || plan.types != call.types {
+            pgrx::error!(
+                "the statement prepared for {} expects other parameter types",
+                call.target.name
+            );
         }
+        let values = call.values.as_ptr() as *mut pg_sys::Datum;
+        let rc = pg_sys::SPI_execute_plan(plan.ptr, values, call.nulls.as_ptr(), false, 0);
+        if rc < 0 {
+            pgrx::error!(
+                "the statement for {} failed: SPI code {rc}",
+                call.target.name
+            );
+        }
+        pg_sys::SPI_processed
     }
 }
 
 /// Answers `f`'s result after running it inside one SPI connection.
 fn with_spi<T>(f: impl FnOnce() -> T) -> T {
-    unsafe { pg_sys::SPI_connect() };
-    let out = f();
-    unsafe { pg_sys::SPI_finish() };
-    out
+    let _spi = Spi::connect();
+    f()
 }
+
+const TARGET_ARGS: &[pg_sys::Oid] = &[pg_sys::REGCLASSOID, pg_sys::JSONBOID, pg_sys::TEXTARRAYOID];
+
+const UPSERT: Signature = Signature {
+    name: "idem_upsert",
+    args: TARGET_ARGS,
+    result: Some(pg_sys::TEXTOID),
+};
+
+const INSERT_ONCE: Signature = Signature {
+    name: "idem_insert_once",
+    args: TARGET_ARGS,
+    result: Some(pg_sys::BOOLOID),
+};
 
 finfo_v1!(pg_finfo_idem_upsert);
 
@@ -271,7 +313,8 @@ finfo_v1!(pg_finfo_idem_upsert);
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn idem_upsert(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     let _entered = cache::enter();
-    let args = unsafe { Args::new(fcinfo) };
+    // SAFETY: Postgres calls this with the call info of idem_upsert.
+    let args = unsafe { Args::new(fcinfo, &UPSERT) };
     let call = prepare_call(&args, "idem_upsert");
     // The common case costs one statement: an update where a value
     // differs. An unchanged row is then found by a read, and only a missing
@@ -322,7 +365,8 @@ pub unsafe extern "C-unwind" fn idem_insert_once(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
     let _entered = cache::enter();
-    let args = unsafe { Args::new(fcinfo) };
+    // SAFETY: Postgres calls this with the call info of idem_insert_once.
+    let args = unsafe { Args::new(fcinfo, &INSERT_ONCE) };
     let call = prepare_call(&args, "idem_insert_once");
     let inserted = with_spi(|| run(&call, Kind::Insert)) == 1;
     pg_sys::Datum::from(inserted)

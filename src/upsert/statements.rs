@@ -7,6 +7,8 @@ use std::ffi::{CStr, CString};
 
 pub fn quote_ident(name: &str) -> String {
     let c = CString::new(name).expect("identifiers hold no NUL");
+    // SAFETY: quote_identifier takes a NUL-terminated string and returns
+    // it or a palloc'd quoted copy.
     unsafe {
         CStr::from_ptr(pg_sys::quote_identifier(c.as_ptr()))
             .to_string_lossy()
@@ -28,10 +30,14 @@ fn list(cols: &[String], prefix: &str) -> String {
 fn equals(target: &Target, column: &str, left: &str, right: &str) -> String {
     let col = target.column(column).expect("columns were checked");
     if col.equality == pg_sys::InvalidOid {
+        // No equality operator (json): compare the text.
         return format!("{left}::pg_catalog.text OPERATOR(pg_catalog.=) {right}::pg_catalog.text");
     }
     let left_c = CString::new(left).expect("no NUL");
     let right_c = CString::new(right).expect("no NUL");
+    // SAFETY: generate_operator_clause appends to a fresh StringInfo; the
+    // operator is the type's own equality (from the type cache) and both
+    // operands are of that type.
     unsafe {
         let buf = pg_sys::makeStringInfo();
         pg_sys::generate_operator_clause(
@@ -83,23 +89,30 @@ fn matches(target: &Target, src: &Source, conflict: &[String]) -> String {
         .join(" AND ")
 }
 
-/// True when every column of `columns` holds the row's value in `t` (NULL
-/// counts as equal to NULL), spelled with the qualified operators.
-fn same(target: &Target, src: &Source, columns: &[&String]) -> String {
+/// True when the row already holds the row's values in every column of
+/// `columns`, compared by their stored images (`record_image_eq`, the
+/// record image equality `*=` that REFRESH MATERIALIZED VIEW CONCURRENTLY
+/// uses; called as a function, since an operator between two ROW()
+/// constructors would be applied column by column): `1.0` and
+/// `1.00`, or `Ann` and `ann` under a case-insensitive type or collation,
+/// are different values to store even when `=` calls them equal. NULL
+/// matches NULL. The values are of the columns' own types with their type
+/// modifiers applied, exactly what an INSERT or UPDATE would store.
+fn same(src: &Source, columns: &[&String]) -> String {
     if columns.is_empty() {
         return "true".to_string();
     }
-    columns
+    let stored = columns
         .iter()
-        .map(|c| {
-            let (t, s) = (format!("t.{}", quote_ident(c)), src.value(c));
-            format!(
-                "(({t} IS NULL AND {s} IS NULL) OR COALESCE({}, false))",
-                equals(target, c, &t, &s)
-            )
-        })
+        .map(|c| format!("t.{}", quote_ident(c)))
         .collect::<Vec<_>>()
-        .join(" AND ")
+        .join(", ");
+    let given = columns
+        .iter()
+        .map(|c| src.value(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("pg_catalog.record_image_eq(ROW({stored}), ROW({given}))")
 }
 
 /// The statement of `kind` for `columns` (the row's keys, sorted) with
@@ -164,7 +177,7 @@ pub fn build(
                 .unwrap_or_default();
             Some(format!(
                 "UPDATE {table} AS t SET {set}{from} WHERE {on} AND NOT ({})",
-                same(target, &src, &updated)
+                same(&src, &updated)
             ))
         }
         Kind::Same => {
@@ -174,7 +187,7 @@ pub fn build(
                 .unwrap_or_default();
             Some(format!(
                 "SELECT FROM {table} AS t{from} WHERE {on} AND {}",
-                same(target, &src, &updated)
+                same(&src, &updated)
             ))
         }
     }

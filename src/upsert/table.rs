@@ -1,9 +1,15 @@
 //! What a target table looks like, read from the catalogs once per backend
-//! (and again after the table changes).
+//! (and again after the table changes), with the plans built from that
+//! description: they live and die together, so a plan never outlives the
+//! shape of the table it was prepared for.
+use super::cache::{self, Kind};
 use crate::pg::errors::{error, Code};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use serde_json::Value;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 
 pub struct Column {
     pub name: String,
@@ -33,7 +39,11 @@ pub enum Conversion {
     },
 }
 
-fn conversion(typid: pg_sys::Oid) -> Option<Conversion> {
+fn conversion(typid: pg_sys::Oid, context: pg_sys::MemoryContext) -> Option<Conversion> {
+    // SAFETY: the type cache and lsyscache lookups raise an ERROR for an
+    // unknown type; fmgr_info_cxt fills the boxed FmgrInfo, which lives in
+    // the Target with `context`, where the function may cache what it needs
+    // (fn_extra): both go when the Target goes.
     unsafe {
         if typid == pg_sys::JSONBOID {
             return Some(Conversion::Jsonb);
@@ -50,10 +60,8 @@ fn conversion(typid: pg_sys::Oid) -> Option<Conversion> {
         }
         let (mut func, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
         pg_sys::getTypeInputInfo(typid, &mut func, &mut ioparam);
-        // Input functions may cache in fn_mcxt; the entry lives as long as
-        // the backend's view of the table.
         let mut function = Box::new(pg_sys::FmgrInfo::default());
-        pg_sys::fmgr_info_cxt(func, &mut *function, pg_sys::TopMemoryContext);
+        pg_sys::fmgr_info_cxt(func, &mut *function, context);
         Some(Conversion::Input { function, ioparam })
     }
 }
@@ -63,12 +71,71 @@ pub struct UniqueKey {
     pub columns: Vec<String>,
 }
 
+/// A prepared statement for one (columns, conflict columns, kind), with
+/// the parameter types it was prepared with.
+pub struct Plan {
+    pub ptr: pg_sys::SPIPlanPtr,
+    pub types: Vec<pg_sys::Oid>,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // Freed at the start of the next outermost call: this one may be
+        // running it.
+        cache::retire_plan(self.ptr);
+    }
+}
+
+type PlanKey = (Vec<String>, Vec<String>, Kind);
+
 pub struct Target {
-    pub relid: pg_sys::Oid,
     /// The schema-qualified, quoted name.
     pub name: String,
+    /// The syscache hash of the table's schema, to forget the target when
+    /// that schema is renamed.
+    pub namespace_hash: u32,
     pub columns: Vec<Column>,
     pub unique_keys: Vec<UniqueKey>,
+    /// Where the input functions keep what they cache.
+    _context: Context,
+    /// None: the statement of that kind has nothing to do.
+    plans: RefCell<HashMap<PlanKey, Option<Rc<Plan>>>>,
+}
+
+/// A memory context of a Target's own, deleted (at the start of the next
+/// outermost call) when the Target goes, or when describing it fails.
+/// It is named "idempotency upsert target" with the table's name as its
+/// identifier, so `pg_backend_memory_contexts` shows which tables a backend
+/// has described.
+struct Context(pg_sys::MemoryContext);
+
+impl Context {
+    fn new(table: &str) -> Context {
+        let ident = std::ffi::CString::new(table).expect("quoted names hold no NUL");
+        // SAFETY: creates an empty memory context under CacheMemoryContext,
+        // which lives as long as the backend; the identifier is copied into
+        // the context itself, so it lives exactly as long.
+        Context(unsafe {
+            let context = pg_sys::AllocSetContextCreateInternal(
+                pg_sys::CacheMemoryContext,
+                c"idempotency upsert target".as_ptr(),
+                pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+            );
+            pg_sys::MemoryContextSetIdentifier(
+                context,
+                pg_sys::MemoryContextStrdup(context, ident.as_ptr()),
+            );
+            context
+        })
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        cache::retire_context(self.0);
+    }
 }
 
 impl Target {
@@ -87,12 +154,31 @@ impl Target {
     pub fn primary_key(&self) -> Option<&UniqueKey> {
         self.unique_keys.iter().find(|k| k.primary)
     }
+
+    /// The prepared plan for these columns, built on first use; None when
+    /// the statement has nothing to do (see `statements::build`).
+    pub fn plan(&self, columns: &[String], conflict: &[String], kind: Kind) -> Option<Rc<Plan>> {
+        let key = (columns.to_vec(), conflict.to_vec(), kind);
+        if let Some(p) = self.plans.borrow().get(&key) {
+            return p.clone();
+        }
+        let plan = super::statements::build(self, columns, conflict, kind).map(|sql| {
+            let types = super::statements::parameter_types(self, columns);
+            Rc::new(Plan {
+                ptr: crate::ledger::statements::prepare_kept(&sql, &types),
+                types,
+            })
+        });
+        self.plans.borrow_mut().insert(key, plan.clone());
+        plan
+    }
 }
 
 // Every operator and function is qualified: the cache outlives the role and
 // search_path of the call that filled it.
 const DESCRIBE: &str = "SELECT pg_catalog.jsonb_build_object(
     'relkind', c.relkind,
+    'namespace', c.relnamespace::pg_catalog.int8,
     'name', pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname),
     'columns', (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
                     'name', a.attname, 'type', a.atttypid::pg_catalog.int8,
@@ -115,6 +201,7 @@ const DESCRIBE: &str = "SELECT pg_catalog.jsonb_build_object(
 
 pub fn load(relid: pg_sys::Oid) -> Target {
     let described: Option<pgrx::JsonB> = Spi::connect(|client| {
+        // SAFETY: relid is an oid datum, matching the declared parameter type.
         let args = unsafe { [pgrx::datum::DatumWithOid::new(relid, pg_sys::OIDOID)] };
         client
             .select(DESCRIBE, Some(1), &args)
@@ -139,6 +226,8 @@ pub fn load(relid: pg_sys::Oid) -> Target {
         .hint("Pass the table behind the view or foreign table.")
         .raise();
     }
+    let namespace = pg_sys::Oid::from(d["namespace"].as_u64().unwrap_or(0) as u32);
+    let context = Context::new(&name);
     let columns = d["columns"]
         .as_array()
         .map(|cols| {
@@ -151,7 +240,7 @@ pub fn load(relid: pg_sys::Oid) -> Target {
                         identity_always: c["identity"].as_str() == Some("a"),
                         equality: equality(type_oid),
                         typmod: c["typmod"].as_i64().unwrap_or(-1) as i32,
-                        conversion: conversion(type_oid),
+                        conversion: conversion(type_oid, context.0),
                     }
                 })
                 .collect()
@@ -175,14 +264,18 @@ pub fn load(relid: pg_sys::Oid) -> Target {
         _ => Vec::new(),
     };
     Target {
-        relid,
         name,
+        namespace_hash: crate::pg::inval::namespace_hash(namespace),
         columns,
         unique_keys,
+        _context: context,
+        plans: RefCell::new(HashMap::new()),
     }
 }
 
 fn equality(typid: pg_sys::Oid) -> pg_sys::Oid {
+    // SAFETY: lookup_type_cache raises an ERROR for an unknown type and
+    // returns a valid entry otherwise.
     unsafe {
         let entry = pg_sys::lookup_type_cache(typid, pg_sys::TYPECACHE_EQ_OPR as i32);
         if entry.is_null() {

@@ -67,3 +67,10 @@ SELECT status FROM idem_get('push:1');
 -- The lease's own mismatch check works as in transaction mode.
 SELECT status FROM idem_begin('push:2', '{"to": "a"}', lease => '1 hour');
 SELECT status FROM idem_begin('push:2', '{"to": "b"}', lease => '1 hour');
+
+-- A lease is positive when it ends later by calendar arithmetic: a year
+-- less 361 days is four or five days (counting months as 30 days, -1 day).
+SELECT status, token IS NOT NULL AS has_token FROM idem_begin('calendar-lease', lease => '1 year -361 days');
+SELECT locked_until > now() + interval '3 days' AS days_ahead FROM idem_get('calendar-lease');
+SELECT idem_begin('calendar-lease-2', lease => '1 year -366 days');
+\echo :LAST_ERROR_SQLSTATE
