@@ -157,7 +157,7 @@ pub fn init() {
 /// Forgets the description when either table (or every relation) is
 /// invalidated.
 fn forget(relid: pg_sys::Oid) {
-    CATALOG.with(|c| {
+    let _ = CATALOG.try_with(|c| {
         let mut c = c.borrow_mut();
         let hit = c.as_ref().is_some_and(|cat| {
             relid == pg_sys::InvalidOid || relid == cat.keys.oid || relid == cat.once.oid

@@ -56,7 +56,11 @@ pub fn namespace_hash(nspoid: pg_sys::Oid) -> u32 {
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_relcache(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    let callbacks = RELATION.with(|r| r.borrow().clone());
+    // try_with: at backend exit, thread-locals may already be gone while
+    // PostgreSQL still processes invalidations; there is nothing to forget.
+    let callbacks = RELATION
+        .try_with(|r| r.borrow().clone())
+        .unwrap_or_default();
     for f in callbacks {
         f(relid);
     }
@@ -64,7 +68,9 @@ unsafe extern "C-unwind" fn on_relcache(_arg: pg_sys::Datum, relid: pg_sys::Oid)
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_namespace(_arg: pg_sys::Datum, _cacheid: i32, hash: u32) {
-    let callbacks = NAMESPACE.with(|r| r.borrow().clone());
+    let callbacks = NAMESPACE
+        .try_with(|r| r.borrow().clone())
+        .unwrap_or_default();
     for f in callbacks {
         f(hash);
     }

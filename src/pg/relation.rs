@@ -32,6 +32,16 @@ impl Rel {
         Rel(unsafe { pg_sys::relation_open(oid, pg_sys::NoLock as i32) })
     }
 
+    /// Opens a relation the caller has locked, if it exists (a lock on an
+    /// OID does not make the relation exist).
+    pub fn try_open_locked(oid: pg_sys::Oid) -> Option<Rel> {
+        // SAFETY: try_relation_open checks the syscache for the OID and
+        // returns NULL when there is no such relation; the caller's lock
+        // keeps it from being dropped while open.
+        let rel = unsafe { pg_sys::try_relation_open(oid, pg_sys::NoLock as i32) };
+        (!rel.is_null()).then(|| Rel(rel))
+    }
+
     /// Locks `oid` in `mode` and opens it; PostgreSQL checks that it is an
     /// index.
     pub fn index(oid: pg_sys::Oid, mode: u32) -> Rel {

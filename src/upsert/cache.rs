@@ -57,14 +57,16 @@ pub fn init() {
 /// what to free) never runs inside the map's borrow.
 fn forget_table(relid: pg_sys::Oid) {
     INVALIDATIONS.set(INVALIDATIONS.get() + 1);
-    let gone: Vec<Rc<Target>> = TARGETS.with(|t| {
-        let mut t = t.borrow_mut();
-        if relid == pg_sys::InvalidOid {
-            t.drain().map(|(_, v)| v).collect()
-        } else {
-            t.remove(&relid).into_iter().collect()
-        }
-    });
+    let gone: Vec<Rc<Target>> = TARGETS
+        .try_with(|t| {
+            let mut t = t.borrow_mut();
+            if relid == pg_sys::InvalidOid {
+                t.drain().map(|(_, v)| v).collect()
+            } else {
+                t.remove(&relid).into_iter().collect()
+            }
+        })
+        .unwrap_or_default();
     drop(gone);
 }
 
@@ -73,24 +75,29 @@ fn forget_table(relid: pg_sys::Oid) {
 /// in every schema).
 fn forget_namespace(hash: u32) {
     INVALIDATIONS.set(INVALIDATIONS.get() + 1);
-    let gone: Vec<Rc<Target>> = TARGETS.with(|t| {
-        let mut t = t.borrow_mut();
-        let hit: Vec<pg_sys::Oid> = t
-            .iter()
-            .filter(|(_, v)| hash == 0 || v.namespace_hash == hash)
-            .map(|(k, _)| *k)
-            .collect();
-        hit.iter().filter_map(|k| t.remove(k)).collect()
-    });
+    let gone: Vec<Rc<Target>> = TARGETS
+        .try_with(|t| {
+            let mut t = t.borrow_mut();
+            let hit: Vec<pg_sys::Oid> = t
+                .iter()
+                .filter(|(_, v)| hash == 0 || v.namespace_hash == hash)
+                .map(|(k, _)| *k)
+                .collect();
+            hit.iter().filter_map(|k| t.remove(k)).collect()
+        })
+        .unwrap_or_default();
     drop(gone);
 }
 
+// When the backend exits, Rust destroys its thread-locals in no set order:
+// a description dropped with TARGETS may find STALE gone. The process is
+// ending and takes the memory with it, so that is not an error.
 pub fn retire_plan(plan: pg_sys::SPIPlanPtr) {
-    STALE.with(|s| s.borrow_mut().push(Stale::Plan(plan)));
+    let _ = STALE.try_with(|s| s.borrow_mut().push(Stale::Plan(plan)));
 }
 
 pub fn retire_context(context: pg_sys::MemoryContext) {
-    STALE.with(|s| s.borrow_mut().push(Stale::Context(context)));
+    let _ = STALE.try_with(|s| s.borrow_mut().push(Stale::Context(context)));
 }
 
 /// Marks a call in progress; frees what forgotten descriptions left when no

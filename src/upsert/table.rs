@@ -4,11 +4,11 @@
 //! shape of the table it was prepared for.
 use super::cache::{self, Kind};
 use crate::pg::errors::{error, Code};
+use crate::pg::relation::Rel;
 use pgrx::pg_sys;
-use pgrx::prelude::*;
-use serde_json::Value;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ffi::CStr;
 use std::rc::Rc;
 
 pub struct Column {
@@ -174,50 +174,41 @@ impl Target {
     }
 }
 
-// Every operator and function is qualified: the cache outlives the role and
-// search_path of the call that filled it.
-const DESCRIBE: &str = "SELECT pg_catalog.jsonb_build_object(
-    'relkind', c.relkind,
-    'namespace', c.relnamespace::pg_catalog.int8,
-    'name', pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname),
-    'columns', (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
-                    'name', a.attname, 'type', a.atttypid::pg_catalog.int8,
-                    'identity', a.attidentity, 'typmod', a.atttypmod) ORDER BY a.attnum)
-                  FROM pg_catalog.pg_attribute a
-                 WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0
-                   AND NOT a.attisdropped),
-    'unique', (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
-                    'primary', i.indisprimary,
-                    'columns', (SELECT pg_catalog.jsonb_agg(a.attname ORDER BY k.ord)
-                                  FROM pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY AS k(attnum, ord)
-                                  JOIN pg_catalog.pg_attribute a
-                                    ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid
-                                   AND a.attnum OPERATOR(pg_catalog.=) k.attnum)))
-                 FROM pg_catalog.pg_index i
-                WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisunique AND i.indisvalid
-                  AND i.indpred IS NULL AND i.indexprs IS NULL))
-  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
- WHERE c.oid OPERATOR(pg_catalog.=) $1";
-
+/// Describes table `relid`, which the caller has locked, from its relcache
+/// entry: taking the lock processed every invalidation committed before
+/// it, and the relcache reads the catalogs with a fresh catalog snapshot,
+/// so this is the table as it is now, whatever snapshot the statement or
+/// the transaction holds (a description read with SQL under an older
+/// snapshot would show the table as it was before an ALTER the lock waited
+/// for).
 pub fn load(relid: pg_sys::Oid) -> Target {
-    let described: Option<pgrx::JsonB> = Spi::connect(|client| {
-        // SAFETY: relid is an oid datum, matching the declared parameter type.
-        let args = unsafe { [pgrx::datum::DatumWithOid::new(relid, pg_sys::OIDOID)] };
-        client
-            .select(DESCRIBE, Some(1), &args)
-            .ok()
-            .and_then(|t| t.first().get_one::<pgrx::JsonB>().ok().flatten())
-    });
-    let Some(pgrx::JsonB(d)) = described else {
+    let Some(rel) = Rel::try_open_locked(relid) else {
         error(
             Code::ERRCODE_UNDEFINED_TABLE,
             format!("relation with OID {} does not exist", relid.to_u32()),
         )
         .raise();
     };
-    let name = d["name"].as_str().unwrap_or_default().to_string();
-    let relkind = d["relkind"].as_str().unwrap_or_default();
-    if relkind != "r" && relkind != "p" {
+    // SAFETY: rd_rel of an open relation is its pg_class row; relname is
+    // a NUL-terminated NameData; get_namespace_name returns a palloc'd
+    // string (or NULL for a schema dropped meanwhile, which the lock on the
+    // table prevents); quote_qualified_identifier returns a palloc'd string.
+    let (relkind, namespace, name) = unsafe {
+        let form = (*rel.as_ptr()).rd_rel;
+        let nsp = pg_sys::get_namespace_name((*form).relnamespace);
+        let name = if nsp.is_null() {
+            rel.name()
+        } else {
+            CStr::from_ptr(pg_sys::quote_qualified_identifier(
+                nsp,
+                (*form).relname.data.as_ptr(),
+            ))
+            .to_string_lossy()
+            .into_owned()
+        };
+        ((*form).relkind as u8, (*form).relnamespace, name)
+    };
+    if relkind != pg_sys::RELKIND_RELATION && relkind != pg_sys::RELKIND_PARTITIONED_TABLE {
         error(
             Code::ERRCODE_WRONG_OBJECT_TYPE,
             format!("\"{name}\" is not a table"),
@@ -226,43 +217,66 @@ pub fn load(relid: pg_sys::Oid) -> Target {
         .hint("Pass the table behind the view or foreign table.")
         .raise();
     }
-    let namespace = pg_sys::Oid::from(d["namespace"].as_u64().unwrap_or(0) as u32);
     let context = Context::new(&name);
-    let columns = d["columns"]
-        .as_array()
-        .map(|cols| {
-            cols.iter()
-                .map(|c| {
-                    let type_oid = pg_sys::Oid::from(c["type"].as_u64().unwrap_or(0) as u32);
-                    Column {
-                        name: c["name"].as_str().unwrap_or_default().to_string(),
-                        type_oid,
-                        identity_always: c["identity"].as_str() == Some("a"),
-                        equality: equality(type_oid),
-                        typmod: c["typmod"].as_i64().unwrap_or(-1) as i32,
-                        conversion: conversion(type_oid, context.0),
-                    }
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let unique_keys = match &d["unique"] {
-        Value::Array(keys) => keys
-            .iter()
-            .map(|k| UniqueKey {
-                primary: k["primary"].as_bool().unwrap_or(false),
-                columns: k["columns"]
-                    .as_array()
-                    .map(|cs| {
-                        cs.iter()
-                            .filter_map(|c| c.as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            })
-            .collect(),
-        _ => Vec::new(),
+    let desc = rel.desc();
+    // SAFETY: desc is the open relation's descriptor with natts attributes.
+    let attrs: Vec<&pg_sys::FormData_pg_attribute> = unsafe {
+        (0..rel.natts())
+            .map(|i| &*(*desc).attrs.as_ptr().add(i))
+            .collect()
     };
+    let attname = |a: &pg_sys::FormData_pg_attribute| {
+        // SAFETY: attname is a NUL-terminated NameData.
+        unsafe { CStr::from_ptr(a.attname.data.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    let columns = attrs
+        .iter()
+        .filter(|a| !a.attisdropped)
+        .map(|a| Column {
+            name: attname(a),
+            type_oid: a.atttypid,
+            identity_always: a.attidentity as u8 == pg_sys::ATTRIBUTE_IDENTITY_ALWAYS,
+            equality: equality(a.atttypid),
+            typmod: a.atttypmod,
+            conversion: conversion(a.atttypid, context.0),
+        })
+        .collect();
+    let mut unique_keys = Vec::new();
+    for oid in rel.index_oids() {
+        let index = Rel::index(oid, pg_sys::AccessShareLock);
+        let form = index.index_form();
+        if !form.indisunique || !form.indisvalid {
+            continue;
+        }
+        // SAFETY: both return a copy of the index's expression or predicate
+        // list from its relcache entry, or NIL.
+        let plain = unsafe {
+            pg_sys::RelationGetIndexExpressions(index.as_ptr()).is_null()
+                && pg_sys::RelationGetIndexPredicate(index.as_ptr()).is_null()
+        };
+        if !plain {
+            continue;
+        }
+        // The key columns (INCLUDE columns follow them and are not part of
+        // what is unique).
+        let columns = (0..form.indnkeyatts as usize)
+            .map(|k| {
+                // SAFETY: indkey has indnatts >= indnkeyatts entries.
+                let attnum = unsafe { *form.indkey.values.as_ptr().add(k) };
+                attrs
+                    .iter()
+                    .find(|a| a.attnum == attnum)
+                    .map(|a| attname(a))
+                    .unwrap_or_default()
+            })
+            .collect();
+        unique_keys.push(UniqueKey {
+            primary: form.indisprimary,
+            columns,
+        });
+    }
     Target {
         name,
         namespace_hash: crate::pg::inval::namespace_hash(namespace),
