@@ -23,7 +23,7 @@ use super::tables::{
     K_LOCKED_UNTIL, K_RECOVERY_POINT, K_RESULT, K_SCOPE, K_STATUS, K_TOKEN, O_KEY, O_RECORDED_AT,
     O_SCOPE,
 };
-use crate::pg::relation::{Rel, Slot};
+use crate::pg::relation::Rel;
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
 
@@ -95,7 +95,8 @@ fn direct(heap: &Rel, table: &Table, row: &[Option<pg_sys::Datum>], indexes: &[I
     // entry per attribute of its descriptor (natts, which `tables::open`
     // checked against the description `table` comes from), each of the
     // column's checked type or NULL, and NULL for dropped columns. The
-    // tuple stays alive until the slot that reads it is dropped.
+    // indexes are open, ready, and on plain columns, whose attribute
+    // numbers (1..=natts) index values/nulls; the tuple is freed last.
     unsafe {
         let tuple = pg_sys::heap_form_tuple(heap.desc(), values.as_mut_ptr(), nulls.as_mut_ptr());
         pg_sys::heap_insert(
@@ -105,19 +106,19 @@ fn direct(heap: &Rel, table: &Table, row: &[Option<pg_sys::Datum>], indexes: &[I
             0,
             std::ptr::null_mut(),
         );
-        let slot = Slot::heap_tuple(heap, tuple);
         for index in indexes {
+            // Every index here is on plain columns (checked in
+            // plain_indexes), so its values are the row's own: what
+            // FormIndexDatum would read back from the tuple.
             let mut ivalues = [pg_sys::Datum::from(0usize); pg_sys::INDEX_MAX_KEYS as usize];
             let mut inulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
-            // No expressions (checked in plain_indexes), so FormIndexDatum
-            // needs no executor state.
-            pg_sys::FormIndexDatum(
-                index.info,
-                slot.0,
-                std::ptr::null_mut(),
-                ivalues.as_mut_ptr(),
-                inulls.as_mut_ptr(),
-            );
+            let info = &*index.info;
+            for k in 0..info.ii_NumIndexAttrs as usize {
+                let attnum = info.ii_IndexAttrNumbers[k];
+                let at = (attnum - 1) as usize;
+                ivalues[k] = values[at];
+                inulls[k] = nulls[at];
+            }
             let check = if index.rel.index_form().indisunique {
                 pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES
             } else {
@@ -135,7 +136,6 @@ fn direct(heap: &Rel, table: &Table, row: &[Option<pg_sys::Datum>], indexes: &[I
             );
         }
         let tid = (*tuple).t_self;
-        drop(slot);
         pg_sys::heap_freetuple(tuple);
         // As after any statement: later reads of this transaction see it.
         pg_sys::CommandCounterIncrement();

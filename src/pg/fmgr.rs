@@ -46,8 +46,11 @@ struct Checked {
 #[derive(Clone, Copy)]
 struct CheckedRow {
     type_oid: pg_sys::Oid,
+    /// The type's type cache entry; PostgreSQL never frees those.
+    entry: *mut pg_sys::TypeCacheEntry,
     /// The type cache's identifier of the descriptor that was checked; a
-    /// changed type (ALTER TYPE) gets a new one.
+    /// changed type (ALTER TYPE) gets a new one, and an invalidated entry
+    /// has none (0) until it is looked up again.
     identifier: u64,
 }
 
@@ -216,69 +219,98 @@ impl Args {
     ) -> pg_sys::Datum {
         assert_eq!(values.len(), types.len());
         assert_eq!(nulls.len(), types.len());
-        // SAFETY: lookup_type_cache raises an ERROR for an unknown type and
-        // returns the type cache entry, whose tupDesc is set (or NULL for a
-        // non-composite type) when TYPECACHE_TUPDESC is asked for.
-        let (desc, identifier) = unsafe {
-            let entry = pg_sys::lookup_type_cache(self.result, pg_sys::TYPECACHE_TUPDESC as i32);
-            ((*entry).tupDesc, (*entry).tupDesc_identifier)
-        };
-        let checked = CHECKED_ROWS.with(|c| {
+        let known = CHECKED_ROWS.with(|c| {
             c.borrow()
                 .iter()
-                .any(|c| c.type_oid == self.result && c.identifier == identifier)
+                .find(|c| c.type_oid == self.result)
+                .copied()
         });
-        if !checked {
-            if desc.is_null() {
-                mismatch(format!(
-                    "the result type {} is not a composite type",
-                    type_name(self.result)
-                ));
-            }
-            // SAFETY: desc is the type cache's valid descriptor; attrs has
-            // natts entries.
-            let declared: Vec<pg_sys::Oid> = unsafe {
-                (0..(*desc).natts as usize)
-                    .map(|i| {
-                        let att = (*desc).attrs.as_ptr().add(i);
-                        if (*att).attisdropped {
-                            pg_sys::InvalidOid
-                        } else {
-                            (*att).atttypid
-                        }
-                    })
-                    .collect()
-            };
-            if declared != types {
-                mismatch(format!(
-                    "the result type {} has columns ({}) but the library returns ({})",
-                    type_name(self.result),
-                    names(&declared),
-                    names(types)
-                ));
-            }
-            CHECKED_ROWS.with(|c| {
-                let mut c = c.borrow_mut();
-                c.retain(|c| c.type_oid != self.result);
-                c.push(CheckedRow {
-                    type_oid: self.result,
-                    identifier,
-                });
-            });
-        }
+        // SAFETY: a type cache entry lives as long as the backend; its
+        // tupDesc is valid while its identifier is the one we checked (an
+        // invalidation resets both, and check_row looks the type up again).
+        let desc = known.and_then(|k| unsafe {
+            let entry = &*k.entry;
+            (!entry.tupDesc.is_null() && entry.tupDesc_identifier == k.identifier)
+                .then_some(entry.tupDesc)
+        });
+        let desc = desc.unwrap_or_else(|| self.check_row(types));
         // SAFETY: desc has exactly values.len() columns of the types of
-        // `values` (checked above against this very descriptor version);
-        // heap_form_tuple copies the values into a new palloc'd tuple whose
-        // header carries the named type's OID.
+        // `values` (checked against this very descriptor version); it is
+        // the type cache's, so heap_form_tuple's header carries the named
+        // type's OID; the tuple is a new palloc'd copy of the values.
         unsafe {
             let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
             pg_sys::HeapTupleHeaderGetDatum((*tuple).t_data)
         }
     }
+
+    /// Looks the result type up in the type cache and checks that its
+    /// columns are `types`; returns its descriptor.
+    fn check_row(&self, types: &[pg_sys::Oid]) -> pg_sys::TupleDesc {
+        // SAFETY: lookup_type_cache raises an ERROR for an unknown type and
+        // returns the type cache entry, whose tupDesc is set (or NULL for a
+        // non-composite type) when TYPECACHE_TUPDESC is asked for.
+        let (entry, desc, identifier) = unsafe {
+            let entry = pg_sys::lookup_type_cache(self.result, pg_sys::TYPECACHE_TUPDESC as i32);
+            (entry, (*entry).tupDesc, (*entry).tupDesc_identifier)
+        };
+        if desc.is_null() {
+            mismatch(format!(
+                "the result type {} is not a composite type",
+                type_name(self.result)
+            ));
+        }
+        // SAFETY: desc is the type cache's valid descriptor; attrs has
+        // natts entries.
+        let declared: Vec<pg_sys::Oid> = unsafe {
+            (0..(*desc).natts as usize)
+                .map(|i| {
+                    let att = (*desc).attrs.as_ptr().add(i);
+                    if (*att).attisdropped {
+                        pg_sys::InvalidOid
+                    } else {
+                        (*att).atttypid
+                    }
+                })
+                .collect()
+        };
+        if declared != types {
+            mismatch(format!(
+                "the result type {} has columns ({}) but the library returns ({})",
+                type_name(self.result),
+                names(&declared),
+                names(types)
+            ));
+        }
+        CHECKED_ROWS.with(|c| {
+            let mut c = c.borrow_mut();
+            c.retain(|c| c.type_oid != self.result);
+            c.push(CheckedRow {
+                type_oid: self.result,
+                entry,
+                identifier,
+            });
+        });
+        desc
+    }
 }
+
+/// The range of finite timestamps (`datatype/timestamp.h`).
+const MIN_TIMESTAMP: i64 = -211_813_488_000_000_000;
+const END_TIMESTAMP: i64 = 9_223_371_331_200_000_000;
 
 /// `ts + interval` with Postgres' own calendar arithmetic.
 pub fn timestamptz_plus(ts: pg_sys::TimestampTz, iv: &pg_sys::Interval) -> pg_sys::TimestampTz {
+    // Without months or days, calendar arithmetic is plain addition of
+    // microseconds (what timestamptz_pl_interval does then), so the common
+    // `wait => '0'` costs no call into PostgreSQL.
+    if iv.month == 0 && iv.day == 0 {
+        if let Some(sum) = ts.checked_add(iv.time) {
+            if (MIN_TIMESTAMP..END_TIMESTAMP).contains(&sum) {
+                return sum;
+            }
+        }
+    }
     let mut copy = *iv;
     // SAFETY: timestamptz_pl_interval takes a timestamptz by value and an
     // Interval by reference (a pointer to our copy, alive for the call),

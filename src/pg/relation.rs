@@ -170,18 +170,6 @@ impl Slot {
         // (guards drop in reverse order of creation).
         Slot(unsafe { pg_sys::table_slot_create(rel.as_ptr(), std::ptr::null_mut()) })
     }
-
-    /// A slot holding a formed heap tuple of `rel`'s descriptor.
-    pub fn heap_tuple(rel: &Rel, tuple: pg_sys::HeapTuple) -> Slot {
-        // SAFETY: the descriptor is rel's, the tuple was formed from it, and
-        // the slot does not free the tuple (shouldFree = false): the caller
-        // owns it and outlives the slot.
-        unsafe {
-            let slot = pg_sys::MakeSingleTupleTableSlot(rel.desc(), &pg_sys::TTSOpsHeapTuple);
-            pg_sys::ExecStoreHeapTuple(tuple, slot, false);
-            Slot(slot)
-        }
-    }
 }
 
 impl Drop for Slot {
