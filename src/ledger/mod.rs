@@ -1,13 +1,15 @@
 //! What the two ledgers, the keys of `idem_begin` and the keys of
 //! `idem_once`, share: their key arguments and their tables.
 //!
-//! - `tables`: where the tables are and what they look like.
+//! - `tables`: where the tables are and what they look like, read with the
+//!   tables locked and checked against the columns used here.
 //! - `probe`: reads a key's newest row version, committed or not, straight
 //!   from the primary-key index, to tell "someone else holds it" apart from
 //!   "it is free" without waiting.
 //! - `lock`: the short per-key lock that makes probe-then-write atomic.
-//! - `statements`: the prepared statements that update rows.
-//! - `insert`: inserts without SQL, for the hot paths.
+//! - `statements`: the prepared statements that update rows (and insert
+//!   them when a DBA's trigger, constraint or index needs the executor).
+//! - `insert`: inserts without SQL into the heap and every ready index.
 //! - `wait`: bounded waits for a key's holder.
 pub mod insert;
 pub mod lock;
