@@ -1,43 +1,28 @@
 //! `idem_canonical` and `idem_fingerprint`, and the fingerprint of a
-//! `request` argument.
-use crate::canonical::{self, CanonError};
-use crate::pg::errors::{error, name_key, Code};
+//! `request` argument: the canonical text of a jsonb datum, written from its
+//! binary form into a text buffer or straight into SHA-256.
+use super::jsonb::JsonbTree;
 use crate::pg::fmgr::{finfo_v1, Args, Signature};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::IntoDatum;
-use std::ffi::CStr;
+use sha2::{Digest, Sha256};
 
-fn jsonb_text(d: pg_sys::Datum) -> String {
-    // SAFETY: d is a jsonb datum (a declared jsonb argument); jsonb_out
-    // returns a palloc'd NUL-terminated string.
+/// Writes the canonical text of jsonb datum `d` into `sink`.
+fn canonicalize<S: super::Sink>(d: pg_sys::Datum, sink: &mut S) {
+    // SAFETY: d is a jsonb datum (a declared jsonb argument);
+    // pg_detoast_datum returns it, or a palloc'd detoasted copy with a
+    // 4-byte header, which lives until the end of the call.
     unsafe {
-        let out = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(d)])
-            .expect("jsonb_out returns text");
-        CStr::from_ptr(out.cast_mut_ptr::<std::ffi::c_char>())
-            .to_string_lossy()
-            .into_owned()
+        let jsonb = pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as *const pg_sys::Jsonb;
+        super::write(&JsonbTree::new(jsonb), sink);
     }
 }
 
-fn canonical_or_raise(d: pg_sys::Datum, whose: impl FnOnce() -> String) -> String {
-    match canonical::canonical_from_json_text(&jsonb_text(d)) {
-        Ok(text) => text,
-        Err(CanonError::NumberOutOfRange(n)) => error(
-            Code::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("{} holds a number too large for canonical JSON", whose()),
-        )
-        .detail(format!("RFC 8785 numbers are IEEE 754 doubles: {n}"))
-        .hint("Pass such numbers as strings.")
-        .raise(),
-    }
-}
-
-/// The SHA-256 of the canonical text of a `request` argument.
-pub fn fingerprint_of_jsonb(d: pg_sys::Datum, key: &str, scope: &str) -> [u8; 32] {
-    canonical::sha256(&canonical_or_raise(d, || {
-        format!("the request for {}", name_key(key, scope))
-    }))
+/// The SHA-256 of the canonical text of a jsonb datum.
+pub fn fingerprint_of_jsonb(d: pg_sys::Datum) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    canonicalize(d, &mut hasher);
+    hasher.finalize().into()
 }
 
 finfo_v1!(pg_finfo_idem_canonical);
@@ -54,6 +39,18 @@ const FINGERPRINT: Signature = Signature {
     result: Some(pg_sys::TEXTOID),
 };
 
+/// A text datum of `bytes` (valid UTF-8: canonical text is).
+fn text_datum(bytes: &[u8]) -> pg_sys::Datum {
+    // SAFETY: cstring_to_text_with_len copies len bytes into a new palloc'd
+    // text value.
+    unsafe {
+        pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
+            bytes.as_ptr().cast(),
+            bytes.len() as i32,
+        ))
+    }
+}
+
 /// `idem_canonical(value jsonb) returns text`.
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -61,9 +58,9 @@ pub unsafe extern "C-unwind" fn idem_canonical(fcinfo: pg_sys::FunctionCallInfo)
     // SAFETY: Postgres calls this with the call info of idem_canonical.
     let args = unsafe { Args::new(fcinfo, &CANONICAL) };
     let d = args.datum(0).expect("declared STRICT");
-    canonical_or_raise(d, || "the value".to_string())
-        .into_datum()
-        .expect("text datum")
+    let mut out = Vec::with_capacity(256);
+    canonicalize(d, &mut out);
+    text_datum(&out)
 }
 
 finfo_v1!(pg_finfo_idem_fingerprint);
@@ -77,8 +74,5 @@ pub unsafe extern "C-unwind" fn idem_fingerprint(
     // SAFETY: Postgres calls this with the call info of idem_fingerprint.
     let args = unsafe { Args::new(fcinfo, &FINGERPRINT) };
     let d = args.datum(0).expect("declared STRICT");
-    let text = canonical_or_raise(d, || "the value".to_string());
-    canonical::hex(&canonical::sha256(&text))
-        .into_datum()
-        .expect("text datum")
+    text_datum(super::hex(&fingerprint_of_jsonb(d)).as_bytes())
 }

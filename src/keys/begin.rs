@@ -103,7 +103,7 @@ pub unsafe extern "C-unwind" fn idem_begin(fcinfo: pg_sys::FunctionCallInfo) -> 
             deadline
         }
     };
-    let fingerprint = args.datum(1).map(|d| fingerprint_of_jsonb(d, &key, &scope));
+    let fingerprint = args.datum(1).map(fingerprint_of_jsonb);
 
     let answer = begin(&key, &scope, fingerprint, lease.as_ref(), deadline);
 
