@@ -71,7 +71,7 @@ setup() {
         say "configuring pgrx for the system PostgreSQL 15"
         cargo pgrx init --pg15 "$PG_CONFIG"
     fi
-    if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import psycopg, pytest' 2>/dev/null; then
+    if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import psycopg, pytest, rfc8785' 2>/dev/null; then
         say "creating the Python environment for the demo and client tests"
         python3 -m venv "$VENV"
         "$VENV/bin/pip" install -q -r "$ROOT/tests/client/requirements.txt"

@@ -52,3 +52,7 @@ SELECT idem_canonical(NULL) IS NULL AS canonical_null, idem_fingerprint(NULL) IS
 -- Labelled for the planner.
 SELECT proname, provolatile, proisstrict, proparallel FROM pg_proc
  WHERE proname IN ('idem_canonical', 'idem_fingerprint') ORDER BY proname;
+-- The README's worked example (the same fingerprint as Python's rfc8785 and
+-- the JavaScript snippet there).
+SELECT idem_fingerprint('{"amount": 1999, "currency": "eur", "customer": "cus_42",
+  "metadata": {"order": "A-17", "note": "café \"deluxe\""}, "rate": 0.1}');
