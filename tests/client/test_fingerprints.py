@@ -10,7 +10,9 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import struct
+import subprocess
 
 import rfc8785
 
@@ -93,6 +95,31 @@ def test_the_readme_example(conn):
                          '"metadata":{"note":"café \\"deluxe\\"","order":"A-17"},"rate":0.1}')
     assert fingerprint == client_side
     assert fingerprint == "1ba97ced0d62fa0edf79fdeb094ccd377d489c2fa0725f3d482f5f4271acde44"
+
+
+# The README's JavaScript, run as it is written there.
+README_JS = r"""
+const request = JSON.parse(process.argv[1]);
+const canon = v => v === null || typeof v !== "object" ? JSON.stringify(v)
+  : Array.isArray(v) ? `[${v.map(canon).join(",")}]`
+  : `{${Object.keys(v).sort().map(k => JSON.stringify(k) + ":" + canon(v[k])).join(",")}}`;
+console.log(require("crypto").createHash("sha256").update(canon(request), "utf8").digest("hex"));
+"""
+
+
+def test_the_readme_javascript_on_random_documents(conn):
+    node = shutil.which("node")
+    if node is None:
+        import pytest
+        pytest.skip("node is not installed")
+    rng = random.Random(1785)
+    with conn.cursor() as cur:
+        for _ in range(40):
+            doc = {random_string(rng, 4): random_document(rng, 1) for _ in range(6)}
+            text = json.dumps(doc)
+            js = subprocess.run([node, "-e", README_JS, text], capture_output=True, text=True, check=True)
+            cur.execute("SELECT idem_fingerprint(%s::jsonb)", (text,))
+            assert js.stdout.strip() == cur.fetchone()[0], text
 
 
 def test_numbers_past_a_double_keep_their_value(conn):
