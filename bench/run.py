@@ -111,8 +111,8 @@ def compare(title, variants, mode, ratios, before_each=None):
 
 
 def reset_business():
-    psql("TRUNCATE bench_business; DELETE FROM hw_keys WHERE key LIKE 'job:%'; "
-         "DELETE FROM idempotency.keys WHERE key LIKE 'job:%'; "
+    psql("TRUNCATE bench_business; DELETE FROM hw_keys WHERE key LIKE 'job:%' OR key LIKE 'jobb:%'; "
+         "DELETE FROM idempotency.keys WHERE key LIKE 'job:%' OR key LIKE 'jobb:%'; "
          "VACUUM ANALYZE bench_business, hw_keys, idempotency.keys")
 
 
@@ -127,6 +127,25 @@ def load_replay_keys(n):
              VACUUM ANALYZE idempotency.keys, replay_results""")
 
 
+def load_replay_body_keys(n):
+    """Completed keys whose request was the 2 kB body, in both stores, each
+    with its own kind of fingerprint."""
+    psql(f"""DELETE FROM idempotency.keys WHERE key LIKE 'replayb:%';
+             INSERT INTO idempotency.keys (scope, key, status, attempt, created_at, finished_at, expires_at,
+                                           result, fingerprint)
+             SELECT '', 'replayb:' || i, 'c', 1, now(), now(), now() + interval '1 year',
+                    '{{"charge_id": 991}}', f.fp
+               FROM generate_series(1, {n}) i,
+                    (SELECT decode(idem_fingerprint(body::jsonb), 'hex') AS fp FROM bench_bodies WHERE id = 1) f;
+             DELETE FROM hw_keys WHERE key LIKE 'replayb:%';
+             INSERT INTO hw_keys (key, status, result, request_hash, finished_at)
+             SELECT 'replayb:' || i, 'completed', '{{"charge_id": 991}}', h.h, now()
+               FROM generate_series(1, {n}) i,
+                    (SELECT encode(sha256(convert_to(body::jsonb::text, 'UTF8')), 'hex') AS h
+                       FROM bench_bodies WHERE id = 1) h;
+             VACUUM ANALYZE idempotency.keys, hw_keys""")
+
+
 def sizes_per_million(n):
     rel = psql("SELECT pg_relation_size('idempotency.keys'), pg_relation_size('idempotency.keys_pkey'), "
                "pg_total_relation_size('idempotency.keys')")
@@ -135,18 +154,9 @@ def sizes_per_million(n):
     return heap * per, index * per, total * per
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=MODES, default="quick")
-    args = ap.parse_args()
-    mode = args.mode
-    cfg = MODES[mode]
-    psql_file(os.path.join(HERE, "setup.sql"))
-    print(f"# idempotency benchmarks ({mode} mode)\n")
-    print(psql("SELECT 'PostgreSQL ' || current_setting('server_version') || ', synchronous_commit=' || "
-               "current_setting('synchronous_commit') || ', shared_buffers=' || current_setting('shared_buffers')"))
+def section_1(mode, cfg):
+    """A job in transaction mode."""
     missed = []
-
     missed += compare(
         "1. A job in transaction mode",
         {"floor (SELECT 1)": "job_floor.sql", "idempotency": "job_ours.sql", "hand-written": "job_handwritten.sql"},
@@ -155,7 +165,12 @@ def main():
          ("idempotency / hand-written", "idempotency", "hand-written", 1.2)],
         before_each=reset_business,
     )
+    return missed
 
+
+def section_2(mode, cfg):
+    """Replay of a completed key."""
+    missed = []
     load_replay_keys(100_000)
     missed += compare(
         "2. Replay of a completed key",
@@ -163,7 +178,12 @@ def main():
         mode,
         [("idempotency / primary-key SELECT", "idempotency", "primary-key SELECT", 0.9)],
     )
+    return missed
 
+
+def section_3(mode, cfg):
+    """idem_once."""
+    missed = []
     missed += compare(
         "3. idem_once against INSERT ... ON CONFLICT DO NOTHING RETURNING",
         {"hand-written": "once_handwritten.sql", "idempotency": "once_ours.sql"},
@@ -171,7 +191,12 @@ def main():
         [("idem_once / hand-written", "idempotency", "hand-written", 0.95)],
         before_each=lambda: psql("TRUNCATE hw_once; TRUNCATE idempotency.once; VACUUM ANALYZE hw_once, idempotency.once"),
     )
+    return missed
 
+
+def section_4(mode, cfg):
+    """idem_upsert."""
+    missed = []
     missed += compare(
         "4. idem_upsert against a prepared INSERT ... ON CONFLICT DO UPDATE (same table, 100 000 rows)",
         {"hand-written": "upsert_handwritten.sql", "idempotency": "upsert_ours.sql"},
@@ -179,7 +204,12 @@ def main():
         [("idem_upsert / hand-written", "idempotency", "hand-written", 0.9)],
         before_each=lambda: psql("VACUUM ANALYZE bench_accounts"),
     )
+    return missed
 
+
+def section_5(mode, cfg):
+    """Scale: the job against a table holding many keys."""
+    missed = []
     # 5. Scale: workload 1 against a table already holding many keys.
     reset_business()
     empty = [pgbench("job_ours.sql", cfg["seconds"], cfg["clients"])[0]]
@@ -206,7 +236,12 @@ def main():
     if ratio < 0.8:
         missed.append("scale")
     psql("DELETE FROM idempotency.keys WHERE key LIKE 'old:%'")
+    return missed
 
+
+def section_6(mode, cfg):
+    """Contention: 32 clients on 100 hot keys (a new set every 100 ms)."""
+    missed = []
     # 6. Contention: 32 clients on 100 hot keys (a new set every 100 ms).
     psql("TRUNCATE bench_business; DELETE FROM idempotency.keys WHERE key LIKE 'hot:%'")
     tps, p50, p99, count = pgbench("contention_ours.sql", cfg["seconds"], 32)
@@ -220,7 +255,63 @@ def main():
     if dup != "0" or started != keys:
         print("CHECK FAILED: a hot key was started twice, or a start has no completed key")
         sys.exit(1)
+    return missed
 
+
+def section_7(mode, cfg):
+    """Fingerprint of a 2 kB request (bench/setup.sql), parsed into jsonb on
+    every call on both sides, as a client's request is."""
+    return compare(
+        "7. Fingerprint of a 2 kB request",
+        {"sha256 of the jsonb text": "fingerprint_sha256.sql", "idem_fingerprint": "fingerprint_ours.sql"},
+        mode,
+        [("idem_fingerprint / sha256(convert_to(doc::text, 'UTF8'))", "idem_fingerprint",
+          "sha256 of the jsonb text", 0.8)],
+    )
+
+
+def section_8(mode, cfg):
+    """Replay with a 2 kB request."""
+    load_replay_body_keys(100_000)
+    return compare(
+        "8. Replay with a 2 kB request",
+        {"hand-written": "replay_body_handwritten.sql", "idempotency": "replay_body_ours.sql"},
+        mode,
+        [("replay with request: idempotency / hand-written", "idempotency", "hand-written", 1.0)],
+    )
+
+
+def section_9(mode, cfg):
+    """A job with a 2 kB request."""
+    return compare(
+        "9. A job with a 2 kB request",
+        {"hand-written": "job_body_handwritten.sql", "idempotency": "job_body_ours.sql"},
+        mode,
+        [("job with request: idempotency / hand-written", "idempotency", "hand-written", 1.3)],
+        before_each=reset_business,
+    )
+
+
+SECTIONS = [section_1, section_2, section_3, section_4, section_5, section_6, section_7, section_8, section_9]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=MODES, default="quick")
+    ap.add_argument("--only", default="", help="comma-separated section numbers (default: all)")
+    args = ap.parse_args()
+    only = {int(x) for x in args.only.split(",") if x}
+    mode = args.mode
+    cfg = MODES[mode]
+    psql_file(os.path.join(HERE, "setup.sql"))
+    print(f"# idempotency benchmarks ({mode} mode)\n")
+    print(psql("SELECT 'PostgreSQL ' || current_setting('server_version') || ', synchronous_commit=' || "
+               "current_setting('synchronous_commit') || ', shared_buffers=' || current_setting('shared_buffers')"))
+    missed = []
+
+    for number, section in enumerate(SECTIONS, 1):
+        if not only or number in only:
+            missed += section(mode, cfg)
     print()
     print("missed: " + ", ".join(missed) if missed else "every ratio met")
 

@@ -114,7 +114,7 @@ impl<'a> JsonbTree<'a> {
                     let len = self.length(c, i, offset);
                     Node::String(std::slice::from_raw_parts(at, len))
                 }
-                JENTRY_ISNUMERIC => Node::Number(Cow::Owned(numeric_text(aligned))),
+                JENTRY_ISNUMERIC => Node::Number(Cow::Borrowed(numeric_text(aligned))),
                 JENTRY_ISBOOL_FALSE => Node::Bool(false),
                 JENTRY_ISBOOL_TRUE => Node::Bool(true),
                 JENTRY_ISNULL => Node::Null,
@@ -136,23 +136,23 @@ impl<'a> JsonbTree<'a> {
     }
 }
 
-/// The text of a numeric, as jsonb prints it.
+/// The text of a numeric, as jsonb prints it, in memory of the current
+/// memory context (the call's), which outlives the walk.
 ///
 /// # Safety
 /// `numeric` points at a numeric varlena.
-unsafe fn numeric_text(numeric: *const u8) -> String {
+unsafe fn numeric_text<'a>(numeric: *const u8) -> &'a str {
     // SAFETY: numeric_out takes a numeric datum and returns a palloc'd
-    // NUL-terminated ASCII string, freed here once copied.
+    // NUL-terminated ASCII string, left to the memory context.
     unsafe {
         let d = pgrx::direct_function_call_as_datum(
             pg_sys::numeric_out,
             &[Some(pg_sys::Datum::from(numeric))],
         )
         .expect("numeric_out returns text");
-        let ptr = d.cast_mut_ptr::<std::ffi::c_char>();
-        let text = std::ffi::CStr::from_ptr(ptr).to_string_lossy().into_owned();
-        pg_sys::pfree(ptr.cast());
-        text
+        std::ffi::CStr::from_ptr(d.cast_mut_ptr::<std::ffi::c_char>())
+            .to_str()
+            .expect("numeric text is ASCII")
     }
 }
 

@@ -33,9 +33,41 @@ impl Sink for Vec<u8> {
     }
 }
 
-impl Sink for Sha256 {
+/// SHA-256 of what is written, fed in chunks: the canonicaliser writes
+/// many short pieces (a comma, a quote), each of which would otherwise be a
+/// call into the hash.
+pub struct Hasher {
+    sha: Sha256,
+    buf: Vec<u8>,
+}
+
+const CHUNK: usize = 16 * 1024;
+
+impl Hasher {
+    pub fn new() -> Self {
+        Hasher {
+            sha: Sha256::new(),
+            buf: Vec::with_capacity(CHUNK),
+        }
+    }
+
+    pub fn finish(mut self) -> [u8; 32] {
+        self.sha.update(&self.buf);
+        self.sha.finalize().into()
+    }
+}
+
+impl Sink for Hasher {
     fn put(&mut self, bytes: &[u8]) {
-        self.update(bytes);
+        if self.buf.len() + bytes.len() > CHUNK {
+            self.sha.update(&self.buf);
+            self.buf.clear();
+        }
+        if bytes.len() > CHUNK {
+            self.sha.update(bytes);
+        } else {
+            self.buf.extend_from_slice(bytes);
+        }
     }
 }
 

@@ -105,6 +105,9 @@ pub fn same_value(a: &str, b: &str) -> bool {
 
 /// Appends the canonical text of the JSON number `text` to `out`.
 pub fn canonical(text: &str, out: &mut String) {
+    if short(text, out) {
+        return;
+    }
     let Some(dec) = parse(text) else {
         // Not number text: jsonb and serde_json only hold valid numbers.
         out.push_str(text);
@@ -126,6 +129,104 @@ pub fn canonical(text: &str, out: &mut String) {
         }
     }
     exact(&dec, out);
+}
+
+/// The common case without allocating: plain decimal text (no exponent, as
+/// jsonb prints numbers) with at most 15 significant digits, well inside a
+/// double's normal range. Every such decimal reads into a double whose
+/// shortest text has exactly its digits (a double tells any two decimals of
+/// 15 digits apart: DBL_DIG), so its RFC 8785 text is those digits laid out
+/// as ECMAScript lays them out, and has its value. Returns false, writing
+/// nothing, for any other text.
+fn short(text: &str, out: &mut String) -> bool {
+    let bytes = text.as_bytes();
+    let negative = bytes.first() == Some(&b'-');
+    let body = &bytes[negative as usize..];
+    if body.is_empty() || body.len() > 40 {
+        return false;
+    }
+    // Significant digits (without leading or trailing zeros), and the
+    // position of the decimal point relative to them.
+    let mut digits = [0u8; 40];
+    let mut k = 0usize;
+    let mut point: Option<usize> = None;
+    let mut leading = true;
+    // Count of digits seen before the point, leading zeros excluded, and
+    // zeros after the point before the first significant digit.
+    let mut int_digits: i64 = 0;
+    let mut frac_zeros: i64 = 0;
+    for (i, &b) in body.iter().enumerate() {
+        match b {
+            b'0'..=b'9' => {
+                if leading && b == b'0' {
+                    if point.is_some() {
+                        frac_zeros += 1;
+                    }
+                    continue;
+                }
+                leading = false;
+                digits[k] = b;
+                k += 1;
+                if point.is_none() {
+                    int_digits += 1;
+                }
+            }
+            b'.' if point.is_none() && i > 0 => point = Some(i),
+            _ => return false,
+        }
+    }
+    if point == Some(body.len() - 1) {
+        return false;
+    }
+    // Trailing zeros are not significant.
+    let mut sig = k;
+    while sig > 0 && digits[sig - 1] == b'0' {
+        sig -= 1;
+    }
+    if sig == 0 {
+        out.push('0');
+        return true;
+    }
+    if sig > 15 {
+        return false;
+    }
+    // n: the value is 0.d1d2...dk × 10^n (ECMA-262's n).
+    let n: i64 = if int_digits > 0 {
+        int_digits
+    } else {
+        -frac_zeros
+    };
+    if !(-300..=300).contains(&n) {
+        return false;
+    }
+    let d = std::str::from_utf8(&digits[..sig]).expect("ASCII digits");
+    let k = sig as i64;
+    if negative {
+        out.push('-');
+    }
+    if k <= n && n <= 21 {
+        out.push_str(d);
+        out.extend(std::iter::repeat_n('0', (n - k) as usize));
+    } else if 0 < n && n <= 21 {
+        out.push_str(&d[..n as usize]);
+        out.push('.');
+        out.push_str(&d[n as usize..]);
+    } else if -6 < n && n <= 0 {
+        out.push_str("0.");
+        out.extend(std::iter::repeat_n('0', (-n) as usize));
+        out.push_str(d);
+    } else {
+        out.push_str(&d[..1]);
+        if k > 1 {
+            out.push('.');
+            out.push_str(&d[1..]);
+        }
+        let e = n - 1;
+        out.push('e');
+        out.push(if e >= 0 { '+' } else { '-' });
+        let _ = std::fmt::Write::write_fmt(out, format_args!("{}", e.abs()));
+    }
+    true
 }
 
 /// The exact decimal: no exponent, no leading zeros, no trailing zeros
@@ -245,6 +346,55 @@ mod unit {
             let f = f64::from_bits(*bits);
             assert_eq!(es_number(f), *want, "bits {bits:#018x}");
             assert_eq!(canon(want), *want, "{want} is its own canonical text");
+        }
+    }
+
+    /// The allocation-free path gives what the general one gives.
+    #[test]
+    fn short_path_agrees() {
+        let mut rng = 0x9e3779b97f4a7c15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for _ in 0..200_000 {
+            let digits = (next() % 10u64.pow(1 + (next() % 16) as u32)).to_string();
+            let point = (next() % 40) as usize;
+            let zeros = "0".repeat((next() % 25) as usize);
+            let text = match next() % 4 {
+                0 => digits.clone(),
+                1 => format!("{digits}{zeros}"),
+                2 => format!("0.{zeros}{digits}"),
+                _ if point < digits.len() => {
+                    format!("{}.{}", &digits[..point.max(1)], &digits[point.max(1)..])
+                }
+                _ => format!("{digits}.{zeros}"),
+            };
+            let text = if next() % 2 == 0 {
+                format!("-{text}")
+            } else {
+                text
+            };
+            let mut fast = String::new();
+            if short(&text, &mut fast) {
+                let dec = parse(&text).expect("number");
+                let mut slow = String::new();
+                if dec.digits.is_empty() {
+                    slow.push('0');
+                } else {
+                    let d: f64 = text.parse().unwrap();
+                    let es = es_number(d);
+                    assert_eq!(
+                        parse(&es).as_ref(),
+                        Some(&dec),
+                        "{text}: {es} has another value"
+                    );
+                    slow = es;
+                }
+                assert_eq!(fast, slow, "{text}");
+            }
         }
     }
 

@@ -148,6 +148,19 @@ proptest! {
         prop_assert_eq!(back, f);
     }
 
+    /// The fingerprint is the SHA-256 of the canonical text, whatever the
+    /// size (the hasher takes it in chunks).
+    #[test]
+    fn fingerprint_is_sha256_of_the_text(v in document(), pad in 0usize..40_000) {
+        use sha2::Digest;
+        let v = Value::Array(vec![Value::String("x".repeat(pad)), v]);
+        let text = canonical(&v);
+        let mut hasher = super::Hasher::new();
+        write(&ValueTree::new(&v), &mut hasher);
+        let want: [u8; 32] = sha2::Sha256::digest(text.as_bytes()).into();
+        prop_assert_eq!(hasher.finish(), want);
+    }
+
     #[test]
     fn any_number_text_is_safe(t in "[-+0-9.eE]{0,30}") {
         let mut s = String::new();

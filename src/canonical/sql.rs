@@ -5,7 +5,6 @@ use super::jsonb::JsonbTree;
 use crate::pg::fmgr::{finfo_v1, Args, Signature};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use sha2::{Digest, Sha256};
 
 /// Writes the canonical text of jsonb datum `d` into `sink`.
 fn canonicalize<S: super::Sink>(d: pg_sys::Datum, sink: &mut S) {
@@ -20,9 +19,9 @@ fn canonicalize<S: super::Sink>(d: pg_sys::Datum, sink: &mut S) {
 
 /// The SHA-256 of the canonical text of a jsonb datum.
 pub fn fingerprint_of_jsonb(d: pg_sys::Datum) -> [u8; 32] {
-    let mut hasher = Sha256::new();
+    let mut hasher = super::Hasher::new();
     canonicalize(d, &mut hasher);
-    hasher.finalize().into()
+    hasher.finish()
 }
 
 finfo_v1!(pg_finfo_idem_canonical);

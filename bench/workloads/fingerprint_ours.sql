@@ -1,0 +1,1 @@
+SELECT idem_fingerprint(body::jsonb) FROM bench_bodies WHERE id = 1;
