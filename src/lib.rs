@@ -152,6 +152,39 @@ mod tests {
         );
     }
 
+    /// Numbers read from jsonb's stored numerics give the same canonical
+    /// text as numbers read from their printed text.
+    #[pg_test]
+    fn numerics_read_from_storage_match_their_text() {
+        let rows = Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT n::text, idem_canonical(to_jsonb(n)) FROM (
+                       SELECT round((random() - 0.5)::numeric * 10::numeric ^ (g % 40 - 20), g % 25) AS n
+                         FROM generate_series(1, 20000) g
+                       UNION ALL SELECT unnest(ARRAY[0, -0.0, 1, -1, 10000, 9999.9999, 0.0001, 100000000,
+                              1e-30, 1e30, 123456789012345678901234567890.123456789, -0.000000001,
+                              9007199254740993, 9007199254740992, 1e400, 1e-400]::numeric[])) t",
+                    None,
+                    &[],
+                )
+                .unwrap()
+                .map(|r| {
+                    (
+                        r.get::<String>(1).unwrap().unwrap(),
+                        r.get::<String>(2).unwrap().unwrap(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        });
+        assert!(rows.len() > 20000);
+        for (text, canonical) in rows {
+            let mut want = String::new();
+            crate::canonical::number::canonical(&text, &mut want);
+            assert_eq!(canonical, want, "{text}");
+        }
+    }
+
     #[pg_test]
     fn key_lock_hash_is_hashtextextended() {
         for (scope, key) in [

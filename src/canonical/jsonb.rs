@@ -35,6 +35,10 @@ pub struct Container(*const u8);
 /// A detoasted jsonb datum.
 pub struct JsonbTree<'a> {
     root: Container,
+    /// The last child whose offset was found: (container, index, offset).
+    /// Children are mostly read in order, and the next one's offset is
+    /// then this one's plus its length.
+    last: std::cell::Cell<(usize, usize, usize)>,
     _datum: PhantomData<&'a [u8]>,
 }
 
@@ -48,6 +52,7 @@ impl<'a> JsonbTree<'a> {
         let root = unsafe { (jsonb as *const u8).add(pg_sys::VARHDRSZ) };
         JsonbTree {
             root: Container(root),
+            last: std::cell::Cell::new((0, 0, 0)),
             _datum: PhantomData,
         }
     }
@@ -78,14 +83,23 @@ impl<'a> JsonbTree<'a> {
 
     /// Offset of child `i`'s data from the end of the JEntries.
     fn offset(&self, c: Container, i: usize) -> usize {
-        let mut offset = 0usize;
-        for j in (0..i).rev() {
-            let e = self.jentry(c, j);
-            offset += (e & JENTRY_OFFLENMASK) as usize;
-            if e & JENTRY_HAS_OFF != 0 {
-                break;
+        let (lc, li, lo) = self.last.get();
+        let offset = if lc == c.0 as usize && i == li + 1 {
+            lo + self.length(c, li, lo)
+        } else if lc == c.0 as usize && i == li {
+            lo
+        } else {
+            let mut offset = 0usize;
+            for j in (0..i).rev() {
+                let e = self.jentry(c, j);
+                offset += (e & JENTRY_OFFLENMASK) as usize;
+                if e & JENTRY_HAS_OFF != 0 {
+                    break;
+                }
             }
-        }
+            offset
+        };
+        self.last.set((c.0 as usize, i, offset));
         offset
     }
 
@@ -114,7 +128,10 @@ impl<'a> JsonbTree<'a> {
                     let len = self.length(c, i, offset);
                     Node::String(std::slice::from_raw_parts(at, len))
                 }
-                JENTRY_ISNUMERIC => Node::Number(Cow::Borrowed(numeric_text(aligned))),
+                JENTRY_ISNUMERIC => Node::Number(match numeric_decimal(aligned) {
+                    Some(text) => Cow::Owned(text),
+                    None => Cow::Borrowed(numeric_text(aligned)),
+                }),
                 JENTRY_ISBOOL_FALSE => Node::Bool(false),
                 JENTRY_ISBOOL_TRUE => Node::Bool(true),
                 JENTRY_ISNULL => Node::Null,
@@ -134,6 +151,99 @@ impl<'a> JsonbTree<'a> {
             pgrx::error!("jsonb holds a container of unknown kind {h:#x}")
         }
     }
+}
+
+/// The plain decimal text of a numeric (`-123.4500`, `0.00012`,
+/// `1000000`), read from its stored form: a header with the sign and the
+/// weight (the power of 10000 of the first digit), then base-10000 digits
+/// (`utils/adt/numeric.c`; the on-disk format, the same in every version).
+/// None for NaN and infinities, which jsonb never holds.
+///
+/// # Safety
+/// `numeric` points at a numeric varlena.
+unsafe fn numeric_decimal(numeric: *const u8) -> Option<String> {
+    // SAFETY: a numeric is a varlena (4-byte header as jsonb stores it, or
+    // a 1-byte one, which varsize_any/vardata_any read alike) whose data is
+    // a 16-bit header, for the long form a 16-bit weight, then 16-bit
+    // digits; all 2-byte aligned within the 4-byte aligned numeric when
+    // its header is 4 bytes, so reads are unaligned-safe by read_unaligned.
+    unsafe {
+        let v = numeric as *const pg_sys::varlena;
+        let len = pgrx::varlena::varsize_any_exhdr(v);
+        let data = pgrx::varlena::vardata_any(v) as *const u8;
+        let u16_at = |off: usize| (data.add(off) as *const u16).read_unaligned();
+        if len < 2 {
+            return None;
+        }
+        let header = u16_at(0);
+        let (negative, weight, first): (bool, i32, usize) = match header & 0xC000 {
+            // NUMERIC_SHORT: sign bit 0x2000, a 7-bit signed weight.
+            0x8000 => {
+                let w = (header & 0x003F) as i32;
+                let w = if header & 0x0040 != 0 { w - 64 } else { w };
+                (header & 0x2000 != 0, w, 2)
+            }
+            // NUMERIC_POS / NUMERIC_NEG: the weight follows.
+            0x0000 | 0x4000 => {
+                if len < 4 {
+                    return None;
+                }
+                (header & 0x4000 != 0, (u16_at(2) as i16) as i32, 4)
+            }
+            // NUMERIC_SPECIAL (NaN, infinities).
+            _ => return None,
+        };
+        let ndigits = (len - first) / 2;
+        let digit = |i: usize| u16_at(first + 2 * i);
+        let mut out = String::with_capacity(8 + 4 * ndigits + 4 * weight.unsigned_abs() as usize);
+        if ndigits == 0 {
+            out.push('0');
+            return Some(out);
+        }
+        if negative {
+            out.push('-');
+        }
+        // The digit groups before the point: weight + 1 of them.
+        let int_groups = weight + 1;
+        if int_groups <= 0 {
+            out.push_str("0.");
+            for _ in 0..(-int_groups) {
+                out.push_str("0000");
+            }
+            for i in 0..ndigits {
+                push_group(&mut out, digit(i), true);
+            }
+        } else {
+            for g in 0..int_groups as usize {
+                let d = if g < ndigits { digit(g) } else { 0 };
+                push_group(&mut out, d, g > 0);
+            }
+            if ndigits > int_groups as usize {
+                out.push('.');
+                for i in int_groups as usize..ndigits {
+                    push_group(&mut out, digit(i), true);
+                }
+            }
+        }
+        Some(out)
+    }
+}
+
+/// A base-10000 digit as decimal digits, zero-padded to four unless it
+/// leads the number.
+fn push_group(out: &mut String, d: u16, padded: bool) {
+    let digits = [
+        b'0' + (d / 1000 % 10) as u8,
+        b'0' + (d / 100 % 10) as u8,
+        b'0' + (d / 10 % 10) as u8,
+        b'0' + (d % 10) as u8,
+    ];
+    let skip = if padded {
+        0
+    } else {
+        digits.iter().take(3).take_while(|c| **c == b'0').count()
+    };
+    out.push_str(std::str::from_utf8(&digits[skip..]).expect("ASCII digits"));
 }
 
 /// The text of a numeric, as jsonb prints it, in memory of the current

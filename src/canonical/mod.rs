@@ -28,6 +28,7 @@ pub trait Sink {
 }
 
 impl Sink for Vec<u8> {
+    #[inline]
     fn put(&mut self, bytes: &[u8]) {
         self.extend_from_slice(bytes);
     }
@@ -58,6 +59,7 @@ impl Hasher {
 }
 
 impl Sink for Hasher {
+    #[inline]
     fn put(&mut self, bytes: &[u8]) {
         if self.buf.len() + bytes.len() > CHUNK {
             self.sha.update(&self.buf);
@@ -229,6 +231,9 @@ fn write_string<S: Sink>(s: &[u8], sink: &mut S) {
     sink.put(b"\"");
     let mut from = 0;
     for (i, &b) in s.iter().enumerate() {
+        if !ESCAPED[b as usize] {
+            continue;
+        }
         let short: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -237,8 +242,7 @@ fn write_string<S: Sink>(s: &[u8], sink: &mut S) {
             b'\n' => b"\\n",
             0x0C => b"\\f",
             b'\r' => b"\\r",
-            0x00..=0x1F => b"",
-            _ => continue,
+            _ => b"",
         };
         sink.put(&s[from..i]);
         if short.is_empty() {
@@ -259,6 +263,19 @@ fn write_string<S: Sink>(s: &[u8], sink: &mut S) {
     sink.put(&s[from..]);
     sink.put(b"\"");
 }
+
+/// The bytes a string escapes: control characters, `"` and `\`.
+const ESCAPED: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = true;
+        i += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
 
 pub fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
