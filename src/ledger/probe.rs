@@ -76,12 +76,9 @@ fn scan(
     // The scan keys below are the index's first two columns: they must be
     // scope and key, in that order.
     let form = index.index_form();
-    // SAFETY: indkey of a pg_index row has indnatts entries; it is read
-    // only for i < 2 after indnkeyatts (<= indnatts) was found to be 2.
-    let indkey = |i: usize| unsafe { *form.indkey.values.as_ptr().add(i) };
     if form.indnkeyatts != 2
-        || indkey(0) != table.att[scope_column(which)]
-        || indkey(1) != table.att[key_column(which)]
+        || index.index_key(0) != table.att[scope_column(which)]
+        || index.index_key(1) != table.att[key_column(which)]
     {
         crate::pg::errors::error(
             crate::pg::errors::Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

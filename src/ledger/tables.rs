@@ -280,24 +280,14 @@ fn describe() -> Catalog {
 /// Checks one locked table's descriptor against the columns the extension
 /// uses, and finds their positions.
 fn table(rel: &Rel, which: Which) -> Table {
-    let desc = rel.desc();
     let natts = rel.natts();
-    // SAFETY: desc is the open relation's descriptor with natts attributes.
-    let attrs: Vec<&pg_sys::FormData_pg_attribute> = unsafe {
-        (0..natts)
-            .map(|i| &*(*desc).attrs.as_ptr().add(i))
-            .collect()
-    };
-    let name_of = |a: &pg_sys::FormData_pg_attribute| {
-        // SAFETY: attname is a NUL-terminated NameData.
-        unsafe { CStr::from_ptr(a.attname.data.as_ptr()) }
-    };
+    let attrs = rel.attributes();
     let mut att = Vec::with_capacity(which.columns().len());
     let mut plain = rel.check_constraints() == which.checks();
     for column in which.columns() {
         let Some(a) = attrs
             .iter()
-            .find(|a| !a.attisdropped && name_of(a) == column.name)
+            .find(|a| !a.attisdropped && relation::attname(a) == column.name)
         else {
             shape_error(
                 which,

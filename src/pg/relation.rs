@@ -131,6 +131,28 @@ impl Rel {
         }
     }
 
+    /// The attributes of the relation's descriptor, dropped ones included,
+    /// in attribute-number order.
+    pub fn attributes(&self) -> Vec<&pg_sys::FormData_pg_attribute> {
+        let desc = self.desc();
+        // SAFETY: desc is the open relation's descriptor, whose attrs array
+        // has natts entries and lives as long as the relation is open.
+        unsafe {
+            (0..self.natts())
+                .map(|i| &*(*desc).attrs.as_ptr().add(i))
+                .collect()
+        }
+    }
+
+    /// Attribute number of key column `k` of an index (0 for an
+    /// expression).
+    pub fn index_key(&self, k: usize) -> pg_sys::AttrNumber {
+        let form = self.index_form();
+        assert!(k < form.indnatts as usize, "index key {k} out of range");
+        // SAFETY: indkey of a pg_index row has indnatts entries; k is below.
+        unsafe { *form.indkey.values.as_ptr().add(k) }
+    }
+
     /// The `pg_index` row of an index.
     pub fn index_form(&self) -> &pg_sys::FormData_pg_index {
         // SAFETY: rd_index is set for every open index relation and lives
@@ -249,4 +271,10 @@ pub fn check_writable(function: &std::ffi::CStr) {
     // SAFETY: PreventCommandIfReadOnly only reads backend state and raises
     // an ERROR when writes are not allowed.
     unsafe { pg_sys::PreventCommandIfReadOnly(function.as_ptr()) }
+}
+
+/// An attribute's name.
+pub fn attname(a: &pg_sys::FormData_pg_attribute) -> &std::ffi::CStr {
+    // SAFETY: attname is a NUL-terminated NameData inside the attribute.
+    unsafe { std::ffi::CStr::from_ptr(a.attname.data.as_ptr()) }
 }

@@ -266,7 +266,7 @@ fn run(call: &Call, kind: Kind) -> u64 {
         let types: Vec<pg_sys::Oid> = (0..n)
             .map(|i| pg_sys::SPI_getargtypeid(plan.ptr, i as i32))
             .collect();
-        if types != call.types || plan.types != call.types {
+        if types != call.types {
             pgrx::error!(
                 "the statement prepared for {} expects other parameter types",
                 call.target.name

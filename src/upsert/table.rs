@@ -4,7 +4,7 @@
 //! shape of the table it was prepared for.
 use super::cache::{self, Kind};
 use crate::pg::errors::{error, Code};
-use crate::pg::relation::Rel;
+use crate::pg::relation::{self, Rel};
 use pgrx::pg_sys;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -71,11 +71,11 @@ pub struct UniqueKey {
     pub columns: Vec<String>,
 }
 
-/// A prepared statement for one (columns, conflict columns, kind), with
-/// the parameter types it was prepared with.
+/// A prepared statement for one (columns, conflict columns, kind). The
+/// parameter types it was prepared with are the plan's own
+/// (`SPI_getargtypeid`), which the caller checks before running it.
 pub struct Plan {
     pub ptr: pg_sys::SPIPlanPtr,
-    pub types: Vec<pg_sys::Oid>,
 }
 
 impl Drop for Plan {
@@ -166,7 +166,6 @@ impl Target {
             let types = super::statements::parameter_types(self, columns);
             Rc::new(Plan {
                 ptr: crate::ledger::statements::prepare_kept(&sql, &types),
-                types,
             })
         });
         self.plans.borrow_mut().insert(key, plan.clone());
@@ -218,19 +217,9 @@ pub fn load(relid: pg_sys::Oid) -> Target {
         .raise();
     }
     let context = Context::new(&name);
-    let desc = rel.desc();
-    // SAFETY: desc is the open relation's descriptor with natts attributes.
-    let attrs: Vec<&pg_sys::FormData_pg_attribute> = unsafe {
-        (0..rel.natts())
-            .map(|i| &*(*desc).attrs.as_ptr().add(i))
-            .collect()
-    };
-    let attname = |a: &pg_sys::FormData_pg_attribute| {
-        // SAFETY: attname is a NUL-terminated NameData.
-        unsafe { CStr::from_ptr(a.attname.data.as_ptr()) }
-            .to_string_lossy()
-            .into_owned()
-    };
+    let attrs = rel.attributes();
+    let attname =
+        |a: &pg_sys::FormData_pg_attribute| relation::attname(a).to_string_lossy().into_owned();
     let columns = attrs
         .iter()
         .filter(|a| !a.attisdropped)
@@ -263,8 +252,7 @@ pub fn load(relid: pg_sys::Oid) -> Target {
         // what is unique).
         let columns = (0..form.indnkeyatts as usize)
             .map(|k| {
-                // SAFETY: indkey has indnatts >= indnkeyatts entries.
-                let attnum = unsafe { *form.indkey.values.as_ptr().add(k) };
+                let attnum = index.index_key(k);
                 attrs
                     .iter()
                     .find(|a| a.attnum == attnum)
