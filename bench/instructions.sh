@@ -4,9 +4,26 @@
 # of one call, start-up excluded. Unlike tps on a shared machine, the count
 # repeats exactly, so it decides between two designs. Uses the extension as
 # installed (scripts/bench installs it; or cargo pgrx install --release).
-# Usage: bench/instructions.sh [N]   (default 1000; needs valgrind)
+#
+# Each workload is a prepared statement executed once a line, as pgbench's
+# -M prepared runs it, against the objects of bench/setup.sql; the
+# hand-written counterparts are counted the same way, so a pair's counts
+# compare directly.
+#
+# Usage: bench/instructions.sh [N] [WORKLOAD ...]   (N defaults to 1000;
+# needs valgrind). Workloads: replay job once upsert fingerprint
+# fingerprint_hw replay_body replay_body_hw job_body job_body_hw; default
+# all of them.
+# Under valgrind the sha2 crate runs its portable code (valgrind hides the
+# SHA extensions), so the fingerprint workloads overstate what ours costs
+# on the machine.
 set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
 N=${1:-1000}
+shift || true
+WORKLOADS=("$@")
+[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(replay job once upsert fingerprint fingerprint_hw
+                                         replay_body replay_body_hw job_body job_body_hw)
 PG_BIN=/usr/lib/postgresql/15/bin
 WORK=$(mktemp -d /tmp/idempotency-instructions.XXXXXX)
 trap '[ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT
@@ -16,25 +33,62 @@ runuser -u postgres -- "$PG_BIN/initdb" -D "$WORK/data" -U postgres -A trust -E 
 echo "fsync = off" >> "$WORK/data/postgresql.conf"
 single() { runuser -u postgres -- "$PG_BIN/postgres" --single -D "$WORK/data" postgres >/dev/null; }
 
-single <<'SQL'
-CREATE EXTENSION idempotency;
+# bench/setup.sql holds multi-line statements, which single-user mode does
+# not read: load it through a short-lived server on a socket of our own.
+runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$WORK/data" -w -s -l "$WORK/server.log" \
+    -o "-c listen_addresses='' -c unix_socket_directories='$WORK'" start
+PGOPTIONS="-c client_min_messages=warning" runuser -u postgres -- psql -q -X -v ON_ERROR_STOP=1 -h "$WORK" -d postgres >/dev/null <<SQL
+\i $HERE/setup.sql
 CREATE TABLE t (id int PRIMARY KEY, v int, w text);
 INSERT INTO t SELECT g, 0, 'x' FROM generate_series(0, 99) g;
+-- Completed keys to replay: without a request, and with the 2 kB body in
+-- both stores, each with its own kind of fingerprint.
+INSERT INTO idempotency.keys (scope, key, status, attempt, created_at, finished_at, expires_at, result, fingerprint)
+SELECT '', 'r' || i, 'c', 1, now(), now(), now() + interval '1 year', '{"n": 1}'::jsonb, NULL::bytea
+  FROM generate_series(1, 1000) i
+UNION ALL
+SELECT '', 'rb' || i, 'c', 1, now(), now(), now() + interval '1 year', '{"n": 1}',
+       decode(idem_fingerprint(b.body::jsonb), 'hex')
+  FROM generate_series(1, 1000) i, bench_bodies b WHERE b.id = 1;
+INSERT INTO hw_keys (key, status, result, request_hash, finished_at)
+SELECT 'rb' || i, 'completed', '{"n": 1}', encode(sha256(convert_to(b.body::jsonb::text, 'UTF8')), 'hex'), now()
+  FROM generate_series(1, 1000) i, bench_bodies b WHERE b.id = 1;
+VACUUM ANALYZE;
 SQL
-# 1000 completed keys to replay, each finished in a transaction of its own.
-for g in $(seq 1 1000); do
-    echo "BEGIN; SELECT idem_begin('r$g'); SELECT idem_finish('r$g', '{\"n\": 1}'); COMMIT;"
-done | single
+runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$WORK/data" -w -s stop
+
+BODY="(SELECT body::jsonb FROM bench_bodies WHERE id = 1)"
+# prepare NAME: the PREPARE of a workload; its EXECUTE takes (run, call).
+prepare() {
+    case $1 in
+        replay) echo "PREPARE w(int, int) AS SELECT status, result FROM idem_begin('r' || (1 + \$2 % 1000));" ;;
+        once) echo "PREPARE w(int, int) AS SELECT idem_once('o' || \$1 || '-' || \$2);" ;;
+        upsert) echo "PREPARE w(int, int) AS SELECT idem_upsert('t', jsonb_build_object('id', \$2 % 100, 'v', \$2, 'w', 'x'));" ;;
+        fingerprint) echo "PREPARE w(int, int) AS SELECT idem_fingerprint(body::jsonb) FROM bench_bodies WHERE id = 1;" ;;
+        fingerprint_hw) echo "PREPARE w(int, int) AS SELECT encode(sha256(convert_to(body::jsonb::text, 'UTF8')), 'hex') FROM bench_bodies WHERE id = 1;" ;;
+        replay_body) echo "PREPARE w(int, int) AS SELECT status, result FROM idem_begin('rb' || (1 + \$2 % 1000), $BODY);" ;;
+        replay_body_hw) echo "PREPARE w(int, int) AS SELECT CASE WHEN k.request_hash = encode(sha256(convert_to(b.body::jsonb::text, 'UTF8')), 'hex') THEN k.status ELSE 'mismatch' END AS status, k.result FROM hw_keys k, bench_bodies b WHERE k.key = 'rb' || (1 + \$2 % 1000) AND b.id = 1;" ;;
+        job|job_body|job_body_hw)
+            local begin="SELECT status FROM idem_begin(\$1, $BODY)" finish="SELECT idem_finish(\$1, '{\"charge_id\": 991}')"
+            [ "$1" = job ] && begin="SELECT status FROM idem_begin(\$1)"
+            [ "$1" = job_body_hw ] && begin="SELECT status FROM hw_begin_request(\$1, $BODY)" \
+                && finish="SELECT hw_finish(\$1, '{\"charge_id\": 991}')"
+            echo "PREPARE b(text) AS $begin;"
+            echo "PREPARE i(text) AS INSERT INTO bench_business (job_key, amount) VALUES (\$1, 500);"
+            echo "PREPARE f(text) AS $finish;" ;;
+    esac
+}
 
 # workload NAME CALLS: the SQL of CALLS calls (one statement a line).
 workload() {
+    prepare "$1"
     case $1 in
-        replay) echo "SELECT sum(length((idem_begin('r' || (1 + g % 1000))).status)) FROM generate_series(1, $2) g;" ;;
-        job) for g in $(seq 1 "$2"); do
-                 printf "BEGIN;\nSELECT idem_begin('j%s-%s');\nSELECT idem_finish('j%s-%s', '{\"ok\": true}');\nCOMMIT;\n" "$2" "$g" "$2" "$g"
-             done ;;
-        once) echo "SELECT count(*) FILTER (WHERE idem_once('o$2-' || g)) FROM generate_series(1, $2) g;" ;;
-        upsert) echo "SELECT count(idem_upsert('t', jsonb_build_object('id', g % 100, 'v', g, 'w', 'x'))) FROM generate_series(1, $2) g;" ;;
+        job|job_body|job_body_hw)
+            for g in $(seq 1 "$2"); do
+                printf "BEGIN;\nEXECUTE b('%s-%s-%s');\nEXECUTE i('%s-%s-%s');\nEXECUTE f('%s-%s-%s');\nCOMMIT;\n" \
+                    "$1" "$2" "$g" "$1" "$2" "$g" "$1" "$2" "$g"
+            done ;;
+        *) for g in $(seq 1 "$2"); do echo "EXECUTE w($2, $g);"; done ;;
     esac
 }
 
@@ -45,9 +99,9 @@ count() { # NAME CALLS -> total instructions
     grep -m1 '^summary:' "$WORK/$1.$2.out" | awk '{print $2}'
 }
 
-printf '%-8s %12s\n' workload 'instr/call'
-for w in replay job once upsert; do
+printf '%-16s %12s\n' workload 'instr/call'
+for w in "${WORKLOADS[@]}"; do
     a=$(count "$w" "$N")
     b=$(count "$w" $((2 * N)))
-    printf '%-8s %12d\n' "$w" $(((b - a) / N))
+    printf '%-16s %12d\n' "$w" $(((b - a) / N))
 done

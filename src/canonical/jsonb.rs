@@ -1,16 +1,15 @@
 //! A jsonb datum as a `Tree`, read straight from its binary form: the
 //! container format of `utils/jsonb.h`, which is the on-disk format and the
-//! same in every PostgreSQL version since 9.4. Nothing is converted to text
-//! but numbers (by `numeric_out`, exactly as jsonb prints them).
+//! same in every PostgreSQL version since 9.4. Nothing is converted to
+//! text: numbers are written from their stored base-10000 digits.
 //!
 //! A container is a header (element count and kind) and one JEntry per
 //! child (for an object: the keys, then the values), then the children's
 //! data. A JEntry holds the child's type and either its length or, every
 //! `JB_OFFSET_STRIDE` children, its end offset; numerics and nested
 //! containers start at the next 4-byte boundary.
-use super::{Node, Tree};
+use super::{Member, Node, Tree};
 use pgrx::pg_sys;
-use std::borrow::Cow;
 use std::marker::PhantomData;
 
 const JB_CMASK: u32 = 0x0FFF_FFFF;
@@ -32,13 +31,15 @@ const JENTRY_ISCONTAINER: u32 = 0x5000_0000;
 #[derive(Clone, Copy)]
 pub struct Container(*const u8);
 
+/// A numeric inside the datum.
+#[derive(Clone, Copy)]
+pub struct Numeric(*const u8);
+
+type JsonbNode<'a> = Node<'a, Container, Numeric>;
+
 /// A detoasted jsonb datum.
 pub struct JsonbTree<'a> {
     root: Container,
-    /// The last child whose offset was found: (container, index, offset).
-    /// Children are mostly read in order, and the next one's offset is
-    /// then this one's plus its length.
-    last: std::cell::Cell<(usize, usize, usize)>,
     _datum: PhantomData<&'a [u8]>,
 }
 
@@ -52,116 +53,115 @@ impl<'a> JsonbTree<'a> {
         let root = unsafe { (jsonb as *const u8).add(pg_sys::VARHDRSZ) };
         JsonbTree {
             root: Container(root),
-            last: std::cell::Cell::new((0, 0, 0)),
             _datum: PhantomData,
-        }
-    }
-
-    fn header(&self, c: Container) -> u32 {
-        // SAFETY: every Container points at a container header inside the
-        // datum (the root, or one found through a JEntry); headers and
-        // JEntries are 4-byte aligned within the datum, which is itself
-        // aligned (palloc'd or detoasted).
-        unsafe { (c.0 as *const u32).read() }
-    }
-
-    fn jentry(&self, c: Container, i: usize) -> u32 {
-        // SAFETY: i < the number of children of c (callers index children
-        // of the count in the header), and the JEntries follow the header.
-        unsafe { (c.0 as *const u32).add(1 + i).read() }
-    }
-
-    fn children(&self, c: Container) -> usize {
-        let h = self.header(c);
-        let n = (h & JB_CMASK) as usize;
-        if h & JB_FOBJECT != 0 {
-            2 * n
-        } else {
-            n
-        }
-    }
-
-    /// Offset of child `i`'s data from the end of the JEntries.
-    fn offset(&self, c: Container, i: usize) -> usize {
-        let (lc, li, lo) = self.last.get();
-        let offset = if lc == c.0 as usize && i == li + 1 {
-            lo + self.length(c, li, lo)
-        } else if lc == c.0 as usize && i == li {
-            lo
-        } else {
-            let mut offset = 0usize;
-            for j in (0..i).rev() {
-                let e = self.jentry(c, j);
-                offset += (e & JENTRY_OFFLENMASK) as usize;
-                if e & JENTRY_HAS_OFF != 0 {
-                    break;
-                }
-            }
-            offset
-        };
-        self.last.set((c.0 as usize, i, offset));
-        offset
-    }
-
-    fn length(&self, c: Container, i: usize, offset: usize) -> usize {
-        let e = self.jentry(c, i);
-        if e & JENTRY_HAS_OFF != 0 {
-            (e & JENTRY_OFFLENMASK) as usize - offset
-        } else {
-            (e & JENTRY_OFFLENMASK) as usize
-        }
-    }
-
-    fn child(&self, c: Container, i: usize) -> Node<'a, Container> {
-        let e = self.jentry(c, i);
-        let offset = self.offset(c, i);
-        // SAFETY: the data area starts after the header and all JEntries;
-        // a child's bytes are [offset, offset + length) in it, and numerics
-        // and containers start at the next 4-byte boundary (INTALIGN), as
-        // jsonb writes them.
-        unsafe {
-            let data = c.0.add(4 * (1 + self.children(c)));
-            let at = data.add(offset);
-            let aligned = data.add((offset + 3) & !3);
-            match e & JENTRY_TYPEMASK {
-                JENTRY_ISSTRING => {
-                    let len = self.length(c, i, offset);
-                    Node::String(std::slice::from_raw_parts(at, len))
-                }
-                JENTRY_ISNUMERIC => Node::Number(match numeric_decimal(aligned) {
-                    Some(text) => Cow::Owned(text),
-                    None => Cow::Borrowed(numeric_text(aligned)),
-                }),
-                JENTRY_ISBOOL_FALSE => Node::Bool(false),
-                JENTRY_ISBOOL_TRUE => Node::Bool(true),
-                JENTRY_ISNULL => Node::Null,
-                JENTRY_ISCONTAINER => self.container(Container(aligned)),
-                other => pgrx::error!("jsonb holds an entry of unknown type {other:#x}"),
-            }
-        }
-    }
-
-    fn container(&self, c: Container) -> Node<'a, Container> {
-        let h = self.header(c);
-        if h & JB_FOBJECT != 0 {
-            Node::Object(c)
-        } else if h & JB_FARRAY != 0 {
-            Node::Array(c)
-        } else {
-            pgrx::error!("jsonb holds a container of unknown kind {h:#x}")
         }
     }
 }
 
-/// The plain decimal text of a numeric (`-123.4500`, `0.00012`,
-/// `1000000`), read from its stored form: a header with the sign and the
-/// weight (the power of 10000 of the first digit), then base-10000 digits
-/// (`utils/adt/numeric.c`; the on-disk format, the same in every version).
-/// None for NaN and infinities, which jsonb never holds.
+fn header(c: Container) -> u32 {
+    // SAFETY: every Container points at a container header inside the
+    // datum (the root, or one found through a JEntry); headers and JEntries
+    // are 4-byte aligned within the datum, which is itself aligned
+    // (palloc'd or detoasted).
+    unsafe { (c.0 as *const u32).read() }
+}
+
+fn container<'a>(c: Container) -> JsonbNode<'a> {
+    let h = header(c);
+    if h & JB_FOBJECT != 0 {
+        Node::Object(c)
+    } else if h & JB_FARRAY != 0 {
+        Node::Array(c)
+    } else {
+        pgrx::error!("jsonb holds a container of unknown kind {h:#x}")
+    }
+}
+
+/// The children of a container, read in storage order: each child's data
+/// starts where the previous one's ends, so no offset is searched for.
+pub struct Children<'a> {
+    jentries: *const u32,
+    data: *const u8,
+    next: usize,
+    count: usize,
+    offset: usize,
+    _datum: PhantomData<&'a [u8]>,
+}
+
+impl<'a> Children<'a> {
+    /// All children of `c`: for an object, its keys, then its values.
+    fn of(c: Container) -> Self {
+        let h = header(c);
+        let n = (h & JB_CMASK) as usize;
+        let count = if h & JB_FOBJECT != 0 { 2 * n } else { n };
+        // SAFETY: the JEntries follow the 4-byte header, and the children's
+        // data follows the JEntries, all inside the datum.
+        let (jentries, data) = unsafe {
+            let jentries = (c.0 as *const u32).add(1);
+            (jentries, jentries.add(count) as *const u8)
+        };
+        Children {
+            jentries,
+            data,
+            next: 0,
+            count,
+            offset: 0,
+            _datum: PhantomData,
+        }
+    }
+}
+
+impl<'a> Iterator for Children<'a> {
+    type Item = JsonbNode<'a>;
+
+    #[inline]
+    fn next(&mut self) -> Option<JsonbNode<'a>> {
+        if self.next == self.count {
+            return None;
+        }
+        // SAFETY: next < count, the number of JEntries. A JEntry holds its
+        // child's end offset (JENTRY_HAS_OFF) or its length; the child's
+        // bytes are [offset, end) of the data area, and numerics and
+        // containers start at the next 4-byte boundary (INTALIGN), as jsonb
+        // writes them.
+        unsafe {
+            let e = self.jentries.add(self.next).read();
+            let value = (e & JENTRY_OFFLENMASK) as usize;
+            let start = self.offset;
+            let end = if e & JENTRY_HAS_OFF != 0 {
+                value
+            } else {
+                start + value
+            };
+            self.next += 1;
+            self.offset = end;
+            let aligned = self.data.add((start + 3) & !3);
+            Some(match e & JENTRY_TYPEMASK {
+                JENTRY_ISSTRING => Node::String(std::slice::from_raw_parts(
+                    self.data.add(start),
+                    end - start,
+                )),
+                JENTRY_ISNUMERIC => Node::Number(Numeric(aligned)),
+                JENTRY_ISBOOL_FALSE => Node::Bool(false),
+                JENTRY_ISBOOL_TRUE => Node::Bool(true),
+                JENTRY_ISNULL => Node::Null,
+                JENTRY_ISCONTAINER => container(Container(aligned)),
+                other => pgrx::error!("jsonb holds an entry of unknown type {other:#x}"),
+            })
+        }
+    }
+}
+
+/// Appends the plain decimal text of a numeric (`-123.4500`, `0.00012`,
+/// `1000000`) to `out`, read from its stored form: a header with the sign
+/// and the weight (the power of 10000 of the first digit), then base-10000
+/// digits (`utils/adt/numeric.c`; the on-disk format, the same in every
+/// version). False, appending nothing, for NaN and infinities, which jsonb
+/// never holds.
 ///
 /// # Safety
 /// `numeric` points at a numeric varlena.
-unsafe fn numeric_decimal(numeric: *const u8) -> Option<String> {
+unsafe fn numeric_decimal(numeric: *const u8, out: &mut Vec<u8>) -> bool {
     // SAFETY: a numeric is a varlena (4-byte header as jsonb stores it, or
     // a 1-byte one, which varsize_any/vardata_any read alike) whose data is
     // a 16-bit header, for the long form a 16-bit weight, then 16-bit
@@ -173,7 +173,7 @@ unsafe fn numeric_decimal(numeric: *const u8) -> Option<String> {
         let data = pgrx::varlena::vardata_any(v) as *const u8;
         let u16_at = |off: usize| (data.add(off) as *const u16).read_unaligned();
         if len < 2 {
-            return None;
+            return false;
         }
         let header = u16_at(0);
         let (negative, weight, first): (bool, i32, usize) = match header & 0xC000 {
@@ -186,64 +186,69 @@ unsafe fn numeric_decimal(numeric: *const u8) -> Option<String> {
             // NUMERIC_POS / NUMERIC_NEG: the weight follows.
             0x0000 | 0x4000 => {
                 if len < 4 {
-                    return None;
+                    return false;
                 }
                 (header & 0x4000 != 0, (u16_at(2) as i16) as i32, 4)
             }
             // NUMERIC_SPECIAL (NaN, infinities).
-            _ => return None,
+            _ => return false,
         };
         let ndigits = (len - first) / 2;
         let digit = |i: usize| u16_at(first + 2 * i);
-        let mut out = String::with_capacity(8 + 4 * ndigits + 4 * weight.unsigned_abs() as usize);
+        out.reserve(8 + 4 * ndigits + 4 * weight.unsigned_abs() as usize);
         if ndigits == 0 {
-            out.push('0');
-            return Some(out);
+            out.push(b'0');
+            return true;
         }
         if negative {
-            out.push('-');
+            out.push(b'-');
         }
         // The digit groups before the point: weight + 1 of them.
         let int_groups = weight + 1;
         if int_groups <= 0 {
-            out.push_str("0.");
+            out.extend_from_slice(b"0.");
             for _ in 0..(-int_groups) {
-                out.push_str("0000");
+                out.extend_from_slice(b"0000");
             }
             for i in 0..ndigits {
-                push_group(&mut out, digit(i), true);
+                push_group(out, digit(i), true);
             }
         } else {
             for g in 0..int_groups as usize {
                 let d = if g < ndigits { digit(g) } else { 0 };
-                push_group(&mut out, d, g > 0);
+                push_group(out, d, g > 0);
             }
             if ndigits > int_groups as usize {
-                out.push('.');
+                out.push(b'.');
                 for i in int_groups as usize..ndigits {
-                    push_group(&mut out, digit(i), true);
+                    push_group(out, digit(i), true);
                 }
             }
         }
-        Some(out)
+        true
     }
 }
 
 /// A base-10000 digit as decimal digits, zero-padded to four unless it
 /// leads the number.
-fn push_group(out: &mut String, d: u16, padded: bool) {
+#[inline]
+fn push_group(out: &mut Vec<u8>, d: u16, padded: bool) {
     let digits = [
         b'0' + (d / 1000 % 10) as u8,
         b'0' + (d / 100 % 10) as u8,
         b'0' + (d / 10 % 10) as u8,
         b'0' + (d % 10) as u8,
     ];
-    let skip = if padded {
+    let skip = if padded || d >= 1000 {
         0
+    } else if d >= 100 {
+        1
+    } else if d >= 10 {
+        2
     } else {
-        digits.iter().take(3).take_while(|c| **c == b'0').count()
+        3
     };
-    out.push_str(std::str::from_utf8(&digits[skip..]).expect("ASCII digits"));
+    out.extend_from_slice(&digits[skip..]);
 }
 
 /// The text of a numeric, as jsonb prints it, in memory of the current
@@ -268,34 +273,45 @@ unsafe fn numeric_text<'a>(numeric: *const u8) -> &'a str {
 
 impl<'a> Tree<'a> for JsonbTree<'a> {
     type Container = Container;
+    type Number = Numeric;
+    type Items = Children<'a>;
 
-    fn root(&self) -> Node<'a, Container> {
-        let h = self.header(self.root);
-        if h & JB_FSCALAR != 0 {
+    fn root(&self) -> JsonbNode<'a> {
+        if header(self.root) & JB_FSCALAR != 0 {
             // A scalar is stored as a one-element array marked scalar.
-            self.child(self.root, 0)
+            Children::of(self.root)
+                .next()
+                .unwrap_or_else(|| pgrx::error!("jsonb holds an empty scalar container"))
         } else {
-            self.container(self.root)
+            container(self.root)
         }
     }
 
-    fn len(&self, c: Container) -> usize {
-        (self.header(c) & JB_CMASK) as usize
+    fn items(&self, c: Container) -> Children<'a> {
+        Children::of(c)
     }
 
-    fn item(&self, c: Container, i: usize) -> Node<'a, Container> {
-        self.child(c, i)
-    }
-
-    fn key(&self, c: Container, i: usize) -> &'a [u8] {
-        match self.child(c, i) {
-            Node::String(s) => s,
-            _ => pgrx::error!("jsonb holds an object key that is not a string"),
+    fn members(&self, c: Container, out: &mut Vec<Member<'a, Self>>) {
+        let n = (header(c) & JB_CMASK) as usize;
+        let mut children = Children::of(c);
+        out.reserve(n);
+        for _ in 0..n {
+            match children.next() {
+                Some(Node::String(name)) => out.push((name, Node::Null)),
+                _ => pgrx::error!("jsonb holds an object key that is not a string"),
+            }
+        }
+        for (member, value) in out.iter_mut().zip(children) {
+            member.1 = value;
         }
     }
 
-    fn value(&self, c: Container, i: usize) -> Node<'a, Container> {
-        let n = self.len(c);
-        self.child(c, n + i)
+    fn number(&self, n: Numeric, out: &mut Vec<u8>) {
+        // SAFETY: a Numeric points at a numeric varlena inside the datum.
+        unsafe {
+            if !numeric_decimal(n.0, out) {
+                out.extend_from_slice(numeric_text(n.0).as_bytes());
+            }
+        }
     }
 }

@@ -20,7 +20,6 @@ pub mod sql;
 
 use sha2::{Digest, Sha256};
 use std::cmp::Ordering;
-use std::fmt::Write;
 
 /// Where canonical text goes.
 pub trait Sink {
@@ -34,234 +33,272 @@ impl Sink for Vec<u8> {
     }
 }
 
-/// SHA-256 of what is written, fed in chunks: the canonicaliser writes
-/// many short pieces (a comma, a quote), each of which would otherwise be a
-/// call into the hash.
+/// SHA-256 of what is written, gathered in a buffer of its own first: the
+/// canonicaliser writes many short pieces (a comma, a quote), each of which
+/// would otherwise be a call into the hash.
 pub struct Hasher {
     sha: Sha256,
-    buf: Vec<u8>,
+    len: usize,
+    buf: [u8; CHUNK],
 }
 
-const CHUNK: usize = 16 * 1024;
+const CHUNK: usize = 1024;
+
+impl Default for Hasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Hasher {
     pub fn new() -> Self {
         Hasher {
             sha: Sha256::new(),
-            buf: Vec::with_capacity(CHUNK),
+            len: 0,
+            buf: [0; CHUNK],
         }
     }
 
     pub fn finish(mut self) -> [u8; 32] {
-        self.sha.update(&self.buf);
+        self.sha.update(&self.buf[..self.len]);
         self.sha.finalize().into()
+    }
+
+    #[cold]
+    fn flush_and_put(&mut self, bytes: &[u8]) {
+        self.sha.update(&self.buf[..self.len]);
+        self.len = 0;
+        if bytes.len() > CHUNK {
+            self.sha.update(bytes);
+        } else {
+            self.put(bytes);
+        }
     }
 }
 
 impl Sink for Hasher {
     #[inline]
     fn put(&mut self, bytes: &[u8]) {
-        if self.buf.len() + bytes.len() > CHUNK {
-            self.sha.update(&self.buf);
-            self.buf.clear();
+        if bytes.len() > CHUNK - self.len {
+            return self.flush_and_put(bytes);
         }
-        if bytes.len() > CHUNK {
-            self.sha.update(bytes);
-        } else {
-            self.buf.extend_from_slice(bytes);
-        }
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
     }
 }
 
-/// One JSON value of a tree. Containers are handles of the tree's own.
-pub enum Node<'a, C> {
+/// One JSON value of a tree. Containers and numbers are handles of the
+/// tree's own.
+#[derive(Clone, Copy)]
+pub enum Node<'a, C, N> {
     Null,
     Bool(bool),
-    /// A number as exact decimal text (`-12.50`, `1e400` are both fine).
-    Number(std::borrow::Cow<'a, str>),
+    Number(N),
     /// A string's UTF-8 bytes.
     String(&'a [u8]),
     Array(C),
     Object(C),
 }
 
+/// A node of tree `T`.
+pub type NodeOf<'a, T> = Node<'a, <T as Tree<'a>>::Container, <T as Tree<'a>>::Number>;
+
+/// An object's member: its name and its value.
+pub type Member<'a, T> = (&'a [u8], NodeOf<'a, T>);
+
 /// A JSON document the canonicaliser can walk.
-pub trait Tree<'a> {
+pub trait Tree<'a>: Sized {
     type Container: Copy;
-    fn root(&self) -> Node<'a, Self::Container>;
-    /// Elements of an array, or members of an object.
-    fn len(&self, c: Self::Container) -> usize;
-    fn item(&self, c: Self::Container, i: usize) -> Node<'a, Self::Container>;
-    /// The name and value of member `i` of an object.
-    fn key(&self, c: Self::Container, i: usize) -> &'a [u8];
-    fn value(&self, c: Self::Container, i: usize) -> Node<'a, Self::Container>;
+    type Number: Copy;
+    /// The elements of an array, in order.
+    type Items: Iterator<Item = NodeOf<'a, Self>>;
+    fn root(&self) -> NodeOf<'a, Self>;
+    fn items(&self, array: Self::Container) -> Self::Items;
+    /// Appends the members of an object to `out`, in any order.
+    fn members(&self, object: Self::Container, out: &mut Vec<Member<'a, Self>>);
+    /// Appends a number's exact decimal text (`-12.50`, `1e400` are both
+    /// fine) to `out`.
+    fn number(&self, n: Self::Number, out: &mut Vec<u8>);
 }
 
-enum Frame<'a, C> {
+enum Frame<'a, T: Tree<'a>> {
     Array {
-        c: C,
-        next: usize,
-        len: usize,
+        items: T::Items,
+        first: bool,
     },
-    /// The members' names, in canonical order, with their positions.
+    /// The members in canonical order, and the next one to write.
     Object {
-        c: C,
+        members: Vec<Member<'a, T>>,
         next: usize,
-        members: Vec<(&'a [u8], u32)>,
     },
 }
 
 /// Writes the canonical text of `tree` into `sink`.
 pub fn write<'a, T: Tree<'a>, S: Sink>(tree: &T, sink: &mut S) {
-    let mut stack: Vec<Frame<'a, T::Container>> = Vec::new();
-    let mut buf = String::new();
-    open(tree, tree.root(), sink, &mut stack, &mut buf);
-    while let Some(frame) = stack.last_mut() {
-        let node = match frame {
-            Frame::Array { c, next, len } => {
-                if *next == *len {
-                    stack.pop();
-                    sink.put(b"]");
-                    continue;
+    let mut stack: Vec<Frame<'a, T>> = Vec::new();
+    // Member lists of closed objects, kept for the next object to open.
+    let mut spare: Vec<Vec<Member<'a, T>>> = Vec::new();
+    let mut text: Vec<u8> = Vec::new();
+    let mut out = String::new();
+    let mut node = tree.root();
+    loop {
+        match node {
+            Node::Null => sink.put(b"null"),
+            Node::Bool(true) => sink.put(b"true"),
+            Node::Bool(false) => sink.put(b"false"),
+            Node::Number(n) => {
+                text.clear();
+                tree.number(n, &mut text);
+                if number::trim_plain(&mut text) {
+                    sink.put(&text);
+                } else {
+                    out.clear();
+                    number::canonical_bytes(&text, &mut out);
+                    sink.put(out.as_bytes());
                 }
-                if *next > 0 {
-                    sink.put(b",");
-                }
-                *next += 1;
-                tree.item(*c, *next - 1)
             }
-            Frame::Object { c, next, members } => {
-                if *next == members.len() {
+            Node::String(s) => write_string(s, sink),
+            Node::Array(c) => {
+                sink.put(b"[");
+                stack.push(Frame::Array {
+                    items: tree.items(c),
+                    first: true,
+                });
+            }
+            Node::Object(c) => {
+                sink.put(b"{");
+                let mut members = spare.pop().unwrap_or_default();
+                tree.members(c, &mut members);
+                // Names are unique within an object, so the order is total.
+                members.sort_unstable_by(|a, b| utf16_cmp(a.0, b.0));
+                stack.push(Frame::Object { members, next: 0 });
+            }
+        }
+        // The next value to write, closing the containers that are done.
+        node = loop {
+            match stack.last_mut() {
+                None => return,
+                Some(Frame::Array { items, first }) => match items.next() {
+                    Some(n) => {
+                        if !*first {
+                            sink.put(b",");
+                        }
+                        *first = false;
+                        break n;
+                    }
+                    None => {
+                        stack.pop();
+                        sink.put(b"]");
+                    }
+                },
+                Some(Frame::Object { members, next }) => {
+                    if let Some(&(name, n)) = members.get(*next) {
+                        if *next > 0 {
+                            sink.put(b",");
+                        }
+                        *next += 1;
+                        write_string(name, sink);
+                        sink.put(b":");
+                        break n;
+                    }
+                    let mut done = std::mem::take(members);
+                    done.clear();
+                    spare.push(done);
                     stack.pop();
                     sink.put(b"}");
-                    continue;
                 }
-                if *next > 0 {
-                    sink.put(b",");
-                }
-                let (name, i) = members[*next];
-                *next += 1;
-                write_string(name, sink);
-                sink.put(b":");
-                tree.value(*c, i as usize)
             }
         };
-        open(tree, node, sink, &mut stack, &mut buf);
-    }
-}
-
-/// Writes a scalar, or the opening of a container (pushed on the stack).
-fn open<'a, T: Tree<'a>, S: Sink>(
-    tree: &T,
-    node: Node<'a, T::Container>,
-    sink: &mut S,
-    stack: &mut Vec<Frame<'a, T::Container>>,
-    buf: &mut String,
-) {
-    match node {
-        Node::Null => sink.put(b"null"),
-        Node::Bool(true) => sink.put(b"true"),
-        Node::Bool(false) => sink.put(b"false"),
-        Node::Number(text) => {
-            buf.clear();
-            number::canonical(&text, buf);
-            sink.put(buf.as_bytes());
-        }
-        Node::String(s) => write_string(s, sink),
-        Node::Array(c) => {
-            sink.put(b"[");
-            stack.push(Frame::Array {
-                c,
-                next: 0,
-                len: tree.len(c),
-            });
-        }
-        Node::Object(c) => {
-            sink.put(b"{");
-            let mut members: Vec<(&'a [u8], u32)> = (0..tree.len(c))
-                .map(|i| (tree.key(c, i), i as u32))
-                .collect();
-            // Names are unique within an object, so the order is total.
-            members.sort_by(|a, b| utf16_cmp(a.0, b.0));
-            stack.push(Frame::Object {
-                c,
-                next: 0,
-                members,
-            });
-        }
     }
 }
 
 /// Orders two UTF-8 strings by their UTF-16 code units. That is byte order
 /// except where a character above U+FFFF (a surrogate pair, 0xD800-0xDFFF
-/// in UTF-16) meets one in U+E000-U+FFFF, which UTF-16 sorts after it.
+/// in UTF-16; lead byte F0-F4 in UTF-8) meets one in U+E000-U+FFFF (lead
+/// byte EE or EF), which UTF-16 sorts after it. The first byte that
+/// differs is a lead byte in both strings or a continuation byte in both
+/// (the prefix before it is the same characters), and continuation bytes
+/// (80-BF) never decide that case.
 pub fn utf16_cmp(a: &[u8], b: &[u8]) -> Ordering {
-    let common = a.iter().zip(b).take_while(|(x, y)| x == y).count();
-    if common == a.len() || common == b.len() {
-        return a.len().cmp(&b.len());
-    }
-    // Compare the characters that differ, from their first bytes.
-    let start = |s: &[u8]| {
-        let mut i = common;
-        while i > 0 && (s[i] & 0xC0) == 0x80 {
-            i -= 1;
+    match a.iter().zip(b).position(|(x, y)| x != y) {
+        None => a.len().cmp(&b.len()),
+        Some(i) => {
+            let (x, y) = (a[i], b[i]);
+            if x >= 0xEE && y >= 0xEE && (x >= 0xF0) != (y >= 0xF0) {
+                y.cmp(&x)
+            } else {
+                x.cmp(&y)
+            }
         }
-        i
-    };
-    let (ca, cb) = (char_at(a, start(a)), char_at(b, start(b)));
-    let unit = |c: u32| if c >= 0x10000 { 0xD800 } else { c };
-    unit(ca).cmp(&unit(cb)).then(ca.cmp(&cb))
-}
-
-fn char_at(s: &[u8], i: usize) -> u32 {
-    let b0 = s[i] as u32;
-    let cont = |k: usize| (s.get(i + k).copied().unwrap_or(0x80) & 0x3F) as u32;
-    match b0 {
-        0x00..=0x7F => b0,
-        0xC0..=0xDF => ((b0 & 0x1F) << 6) | cont(1),
-        0xE0..=0xEF => ((b0 & 0x0F) << 12) | (cont(1) << 6) | cont(2),
-        _ => ((b0 & 0x07) << 18) | (cont(1) << 12) | (cont(2) << 6) | cont(3),
     }
 }
 
 /// A string with the minimal escaping of RFC 8785 (that of `JSON.stringify`):
 /// `"` and `\`, the short forms `\b \t \n \f \r`, `\u00xx` for the other
-/// control characters; everything else as it is.
+/// control characters; everything else as it is. Bytes are looked at eight
+/// at a time where none of the eight needs escaping.
 fn write_string<S: Sink>(s: &[u8], sink: &mut S) {
     sink.put(b"\"");
     let mut from = 0;
-    for (i, &b) in s.iter().enumerate() {
-        if !ESCAPED[b as usize] {
-            continue;
-        }
-        let short: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            0x08 => b"\\b",
-            b'\t' => b"\\t",
-            b'\n' => b"\\n",
-            0x0C => b"\\f",
-            b'\r' => b"\\r",
-            _ => b"",
+    let mut i = 0;
+    while i < s.len() {
+        // The next eight bytes, or near the end the last eight (some of
+        // them looked at already, which does not change a clean answer).
+        let (word, skip_to) = match s.get(i..i + 8) {
+            Some(w) => (Some(w), i + 8),
+            None => (s.len().checked_sub(8).map(|j| &s[j..]), s.len()),
         };
-        sink.put(&s[from..i]);
-        if short.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            sink.put(&[
+        if let Some(word) = word {
+            if !any_escaped(u64::from_le_bytes(word.try_into().expect("eight bytes"))) {
+                i = skip_to;
+                continue;
+            }
+        }
+        let b = s[i];
+        if ESCAPED[b as usize] {
+            sink.put(&s[from..i]);
+            escape(b, sink);
+            from = i + 1;
+        }
+        i += 1;
+    }
+    sink.put(&s[from..]);
+    sink.put(b"\"");
+}
+
+/// Whether any of the eight bytes of `w` is a control character, `"` or
+/// `\` (exact as a yes or no: a byte's borrow only spills into a higher
+/// byte after the byte itself has matched).
+#[inline]
+fn any_escaped(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let control = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    (control | zero_byte(w ^ (ONES * b'"' as u64)) | zero_byte(w ^ (ONES * b'\\' as u64))) != 0
+}
+
+fn escape<S: Sink>(b: u8, sink: &mut S) {
+    let short: &[u8] = match b {
+        b'"' => b"\\\"",
+        b'\\' => b"\\\\",
+        0x08 => b"\\b",
+        b'\t' => b"\\t",
+        b'\n' => b"\\n",
+        0x0C => b"\\f",
+        b'\r' => b"\\r",
+        _ => {
+            return sink.put(&[
                 b'\\',
                 b'u',
                 b'0',
                 b'0',
                 HEX[(b >> 4) as usize],
                 HEX[(b & 15) as usize],
-            ]);
-        } else {
-            sink.put(short);
+            ])
         }
-        from = i + 1;
-    }
-    sink.put(&s[from..]);
-    sink.put(b"\"");
+    };
+    sink.put(short);
 }
 
 /// The bytes a string escapes: control characters, `"` and `\`.
@@ -277,10 +314,14 @@ const ESCAPED: [bool; 256] = {
     t
 };
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lowercase hex digits of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        let _ = write!(s, "{b:02x}");
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 15) as usize] as char);
     }
     s
 }
@@ -290,75 +331,52 @@ pub fn hex(bytes: &[u8]) -> String {
 /// canonicalise.
 #[cfg(test)]
 pub mod value {
-    use super::{Node, Tree};
+    use super::{Member, Node, NodeOf, Tree};
     use serde_json::Value;
-    use std::borrow::Cow;
-
-    #[derive(Clone, Copy)]
-    pub struct Container<'a>(&'a Value);
 
     pub struct ValueTree<'a> {
         pub root: &'a Value,
-        /// Members of each object in storage order, by object address.
-        members: std::collections::HashMap<usize, Vec<(&'a String, &'a Value)>>,
     }
 
     impl<'a> ValueTree<'a> {
         pub fn new(root: &'a Value) -> Self {
-            let mut members = std::collections::HashMap::new();
-            let mut todo = vec![root];
-            while let Some(v) = todo.pop() {
-                match v {
-                    Value::Array(items) => todo.extend(items.iter()),
-                    Value::Object(map) => {
-                        members.insert(v as *const Value as usize, map.iter().collect::<Vec<_>>());
-                        todo.extend(map.values());
-                    }
-                    _ => {}
-                }
-            }
-            ValueTree { root, members }
+            ValueTree { root }
         }
+    }
 
-        fn node(&self, v: &'a Value) -> Node<'a, Container<'a>> {
-            match v {
-                Value::Null => Node::Null,
-                Value::Bool(b) => Node::Bool(*b),
-                Value::Number(n) => Node::Number(Cow::Owned(n.to_string())),
-                Value::String(s) => Node::String(s.as_bytes()),
-                Value::Array(_) => Node::Array(Container(v)),
-                Value::Object(_) => Node::Object(Container(v)),
-            }
-        }
-
-        fn member(&self, c: Container<'a>, i: usize) -> (&'a String, &'a Value) {
-            self.members[&(c.0 as *const Value as usize)][i]
+    fn node(v: &Value) -> NodeOf<'_, ValueTree<'_>> {
+        match v {
+            Value::Null => Node::Null,
+            Value::Bool(b) => Node::Bool(*b),
+            Value::Number(n) => Node::Number(n),
+            Value::String(s) => Node::String(s.as_bytes()),
+            Value::Array(_) => Node::Array(v),
+            Value::Object(_) => Node::Object(v),
         }
     }
 
     impl<'a> Tree<'a> for ValueTree<'a> {
-        type Container = Container<'a>;
-        fn root(&self) -> Node<'a, Container<'a>> {
-            self.node(self.root)
+        type Container = &'a Value;
+        type Number = &'a serde_json::Number;
+        type Items = std::iter::Map<std::slice::Iter<'a, Value>, fn(&'a Value) -> NodeOf<'a, Self>>;
+
+        fn root(&self) -> NodeOf<'a, Self> {
+            node(self.root)
         }
-        fn len(&self, c: Container<'a>) -> usize {
-            match c.0 {
-                Value::Array(items) => items.len(),
-                Value::Object(map) => map.len(),
-                _ => 0,
-            }
-        }
-        fn item(&self, c: Container<'a>, i: usize) -> Node<'a, Container<'a>> {
-            match c.0 {
-                Value::Array(items) => self.node(&items[i]),
+        fn items(&self, c: &'a Value) -> Self::Items {
+            match c {
+                Value::Array(items) => items.iter().map(node as fn(&'a Value) -> NodeOf<'a, Self>),
                 _ => unreachable!("an array"),
             }
         }
-        fn key(&self, c: Container<'a>, i: usize) -> &'a [u8] {
-            self.member(c, i).0.as_bytes()
+        fn members(&self, c: &'a Value, out: &mut Vec<Member<'a, Self>>) {
+            match c {
+                Value::Object(map) => out.extend(map.iter().map(|(k, v)| (k.as_bytes(), node(v)))),
+                _ => unreachable!("an object"),
+            }
         }
-        fn value(&self, c: Container<'a>, i: usize) -> Node<'a, Container<'a>> {
-            self.node(self.member(c, i).1)
+        fn number(&self, n: &'a serde_json::Number, out: &mut Vec<u8>) {
+            out.extend_from_slice(n.to_string().as_bytes());
         }
     }
 
@@ -427,6 +445,11 @@ mod unit {
             ("x\u{1f600}", "x\u{ffff}"),
             ("\u{d7ff}", "\u{1f600}"),
             ("\u{10000}", "\u{10001}"),
+            // Differing in a continuation byte, and across lengths.
+            ("\u{e000}", "\u{e001}"),
+            ("\u{1f600}", "\u{1f601}"),
+            ("\u{10000}", "\u{ffff}x"),
+            ("\u{fb33}", "\u{fb33}a"),
         ];
         for (a, b) in cases {
             let units = |s: &str| s.encode_utf16().collect::<Vec<_>>();
@@ -437,6 +460,67 @@ mod unit {
                 "{a:?} {b:?}"
             );
             assert_eq!(utf16_cmp(b.as_bytes(), a.as_bytes()), Ordering::Greater);
+        }
+    }
+
+    /// The eight-byte test says yes exactly when one of the eight bytes is
+    /// escaped: every byte value at every position among bytes that are
+    /// not, and random words.
+    #[test]
+    fn word_test_agrees_with_the_table() {
+        let bytewise = |w: u64| w.to_le_bytes().iter().any(|b| ESCAPED[*b as usize]);
+        for fill in [b'a', 0x20, 0x21, 0x23, 0x5b, 0x5d, 0x7f, 0x80, 0xff] {
+            for pos in 0..8 {
+                for b in 0..=255u8 {
+                    let mut bytes = [fill; 8];
+                    bytes[pos] = b;
+                    let w = u64::from_le_bytes(bytes);
+                    assert_eq!(any_escaped(w), bytewise(w), "{bytes:?}");
+                }
+            }
+        }
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..1_000_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            assert_eq!(any_escaped(x), bytewise(x), "{x:#x}");
+        }
+    }
+
+    /// Strings of every length up to 40 with an escaped byte (or two) at
+    /// every position escape as serde_json escapes them.
+    #[test]
+    fn escapes_at_every_position() {
+        for len in 0..40 {
+            for pos in 0..len {
+                for (b, b2) in [
+                    (b'"', None),
+                    (b'\\', Some(0x01)),
+                    (b'\n', Some(b'"')),
+                    (0x1f, None),
+                ] {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[pos] = b;
+                    if let Some(b2) = b2 {
+                        bytes[len - 1 - pos] = b2;
+                    }
+                    let text = String::from_utf8(bytes).unwrap();
+                    let mut out = Vec::new();
+                    write_string(text.as_bytes(), &mut out);
+                    let back: String = serde_json::from_slice(&out).expect("a JSON string");
+                    assert_eq!(back, text);
+                    let escapes = out.iter().filter(|c| **c == b'\\').count();
+                    let want = text.bytes().filter(|c| ESCAPED[*c as usize]).count()
+                        + text.bytes().filter(|c| *c == b'\\').count();
+                    assert_eq!(
+                        escapes,
+                        want,
+                        "{text:?} -> {:?}",
+                        String::from_utf8_lossy(&out)
+                    );
+                }
+            }
         }
     }
 

@@ -104,10 +104,94 @@ pub fn same_value(a: &str, b: &str) -> bool {
 }
 
 /// Appends the canonical text of the JSON number `text` to `out`.
+#[cfg(any(test, feature = "pg_test"))]
 pub fn canonical(text: &str, out: &mut String) {
+    if short(text.as_bytes(), out) {
+        return;
+    }
+    general(text, out);
+}
+
+/// The commonest case in place: `text` in plain form (`-`, integer
+/// digits without leading zeros, optionally `.` and fraction digits, as
+/// numeric prints a number) whose canonical text is itself without
+/// trailing fraction zeros: at most 15 significant digits and a decimal
+/// point between 21 places left of the first digit and 6 right of it
+/// (ECMA-262's n in -5..=21), where `short`'s rules print the digits as
+/// they are. Trims `text` to that and returns true; otherwise leaves it
+/// alone and returns false.
+pub fn trim_plain(text: &mut Vec<u8>) -> bool {
+    let negative = text.first() == Some(&b'-');
+    let start = negative as usize;
+    let mut int_end = start;
+    while int_end < text.len() && text[int_end].is_ascii_digit() {
+        int_end += 1;
+    }
+    let int_len = int_end - start;
+    if int_len == 0 || (int_len > 1 && text[start] == b'0') || int_len > 21 {
+        return false;
+    }
+    let mut end = text.len();
+    if int_end < end {
+        if text[int_end] != b'.' || !text[int_end + 1..].iter().all(u8::is_ascii_digit) {
+            return false;
+        }
+        while end > int_end + 1 && text[end - 1] == b'0' {
+            end -= 1;
+        }
+        if end == int_end + 1 {
+            end = int_end;
+        }
+    }
+    let frac = end.saturating_sub(int_end + 1);
+    let significant = if text[start] != b'0' {
+        // Trailing zeros of an integer are not significant.
+        let int_zeros = if frac == 0 {
+            text[start..int_end]
+                .iter()
+                .rev()
+                .take_while(|d| **d == b'0')
+                .count()
+        } else {
+            0
+        };
+        int_len - int_zeros + frac
+    } else if frac == 0 {
+        // Zero: "0" (numeric has no negative zero, but "-0" is zero too).
+        text.truncate(1);
+        text[0] = b'0';
+        return true;
+    } else {
+        let zeros = text[int_end + 1..end]
+            .iter()
+            .take_while(|d| **d == b'0')
+            .count();
+        if zeros > 5 {
+            return false;
+        }
+        frac - zeros
+    };
+    if significant > 15 {
+        return false;
+    }
+    text.truncate(end);
+    true
+}
+
+/// `canonical` of number text given as bytes (jsonb's numbers are ASCII).
+pub fn canonical_bytes(text: &[u8], out: &mut String) {
     if short(text, out) {
         return;
     }
+    match std::str::from_utf8(text) {
+        Ok(text) => general(text, out),
+        // Not number text: jsonb and serde_json only hold valid numbers.
+        Err(_) => out.push_str(&String::from_utf8_lossy(text)),
+    }
+}
+
+/// Any number text, by its value.
+fn general(text: &str, out: &mut String) {
     let Some(dec) = parse(text) else {
         // Not number text: jsonb and serde_json only hold valid numbers.
         out.push_str(text);
@@ -138,8 +222,7 @@ pub fn canonical(text: &str, out: &mut String) {
 /// 15 digits apart: DBL_DIG), so its RFC 8785 text is those digits laid out
 /// as ECMAScript lays them out, and has its value. Returns false, writing
 /// nothing, for any other text.
-fn short(text: &str, out: &mut String) -> bool {
-    let bytes = text.as_bytes();
+fn short(bytes: &[u8], out: &mut String) -> bool {
     let negative = bytes.first() == Some(&b'-');
     let body = &bytes[negative as usize..];
     if body.is_empty() || body.len() > 40 {
@@ -349,6 +432,59 @@ mod unit {
         }
     }
 
+    /// The in-place path gives what the general one gives, and refuses
+    /// what is not plain.
+    #[test]
+    fn trim_plain_agrees() {
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut trimmed = 0;
+        for _ in 0..300_000 {
+            let digits = (next() % 10u64.pow(1 + (next() % 19) as u32)).to_string();
+            let zeros = "0".repeat((next() % 12) as usize);
+            let more = (next() % 1000).to_string();
+            let text = match next() % 5 {
+                0 => digits.clone(),
+                1 => format!("{digits}{zeros}"),
+                2 => format!("0.{zeros}{digits}"),
+                3 => format!("{digits}.{zeros}{more}{zeros}"),
+                _ => format!("{digits}.{more}"),
+            };
+            let text = if next() % 2 == 0 {
+                format!("-{text}")
+            } else {
+                text
+            };
+            let mut want = String::new();
+            canonical(&text, &mut want);
+            let mut bytes = text.clone().into_bytes();
+            if trim_plain(&mut bytes) {
+                trimmed += 1;
+                assert_eq!(String::from_utf8(bytes).unwrap(), want, "{text}");
+            } else {
+                assert_eq!(bytes, text.as_bytes(), "{text} left alone");
+            }
+        }
+        assert!(trimmed > 100_000, "{trimmed}");
+        for text in [
+            "1e5", "1E5", "01", "-", "", ".5", "1.", "1.2.3", "+1", "1.5e3", "00",
+        ] {
+            let mut bytes = text.as_bytes().to_vec();
+            if trim_plain(&mut bytes) {
+                let mut want = String::new();
+                canonical(text, &mut want);
+                assert_eq!(String::from_utf8(bytes).unwrap(), want, "{text}");
+            } else {
+                assert_eq!(bytes, text.as_bytes());
+            }
+        }
+    }
+
     /// The allocation-free path gives what the general one gives.
     #[test]
     fn short_path_agrees() {
@@ -378,7 +514,7 @@ mod unit {
                 text
             };
             let mut fast = String::new();
-            if short(&text, &mut fast) {
+            if short(text.as_bytes(), &mut fast) {
                 let dec = parse(&text).expect("number");
                 let mut slow = String::new();
                 if dec.digits.is_empty() {

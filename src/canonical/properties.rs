@@ -3,7 +3,7 @@
 //! space, tells apart every two different values, and nothing panics.
 use super::number::{canonical as canonical_number, same_value};
 use super::value::ValueTree;
-use super::{write, Node, Tree};
+use super::{write, Member, NodeOf, Tree};
 use proptest::prelude::*;
 use serde_json::{Map, Number, Value};
 
@@ -81,22 +81,24 @@ struct Reordered<'a>(ValueTree<'a>, usize);
 
 impl<'a> Tree<'a> for Reordered<'a> {
     type Container = <ValueTree<'a> as Tree<'a>>::Container;
-    fn root(&self) -> Node<'a, Self::Container> {
+    type Number = <ValueTree<'a> as Tree<'a>>::Number;
+    type Items = <ValueTree<'a> as Tree<'a>>::Items;
+    fn root(&self) -> NodeOf<'a, Self> {
         self.0.root()
     }
-    fn len(&self, c: Self::Container) -> usize {
-        self.0.len(c)
+    fn items(&self, c: Self::Container) -> Self::Items {
+        self.0.items(c)
     }
-    fn item(&self, c: Self::Container, i: usize) -> Node<'a, Self::Container> {
-        self.0.item(c, i)
+    fn members(&self, c: Self::Container, out: &mut Vec<Member<'a, Self>>) {
+        let from = out.len();
+        self.0.members(c, out);
+        let n = out.len() - from;
+        if n > 0 {
+            out[from..].rotate_left(self.1 % n);
+        }
     }
-    fn key(&self, c: Self::Container, i: usize) -> &'a [u8] {
-        let n = self.0.len(c);
-        self.0.key(c, (i + self.1) % n)
-    }
-    fn value(&self, c: Self::Container, i: usize) -> Node<'a, Self::Container> {
-        let n = self.0.len(c);
-        self.0.value(c, (i + self.1) % n)
+    fn number(&self, n: Self::Number, out: &mut Vec<u8>) {
+        self.0.number(n, out)
     }
 }
 
