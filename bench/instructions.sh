@@ -11,9 +11,10 @@
 # compare directly.
 #
 # Usage: bench/instructions.sh [N] [WORKLOAD ...]   (N defaults to 1000;
-# needs valgrind). Workloads: replay job once upsert fingerprint
-# fingerprint_hw replay_body replay_body_hw job_body job_body_hw; default
-# all of them.
+# needs valgrind). Workloads: replay replay_hw job job_hw once upsert
+# fingerprint fingerprint_hw replay_body replay_body_hw job_body
+# job_body_hw (NAME_hw is NAME's hand-written counterpart); default all
+# of them.
 # Under valgrind the sha2 crate runs its portable code (valgrind hides the
 # SHA extensions), so the fingerprint workloads overstate what ours costs
 # on the machine.
@@ -22,7 +23,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 N=${1:-1000}
 shift || true
 WORKLOADS=("$@")
-[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(replay job once upsert fingerprint fingerprint_hw
+[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(replay replay_hw job job_hw once upsert fingerprint fingerprint_hw
                                          replay_body replay_body_hw job_body job_body_hw)
 PG_BIN=/usr/lib/postgresql/15/bin
 WORK=$(mktemp -d /tmp/idempotency-instructions.XXXXXX)
@@ -50,6 +51,10 @@ UNION ALL
 SELECT '', 'rb' || i, 'c', 1, now(), now(), now() + interval '1 year', '{"n": 1}',
        decode(idem_fingerprint(b.body::jsonb), 'hex')
   FROM generate_series(1, 1000) i, bench_bodies b WHERE b.id = 1;
+-- The primary-key SELECT's table as large as idempotency.keys, so both
+-- indexes have the same depth.
+INSERT INTO replay_results SELECT 'r' || i, 'completed', '{"n": 1}' FROM generate_series(1, 1000) i;
+INSERT INTO replay_results SELECT 'base:' || i, 'completed', '{"n": 1}' FROM generate_series(1, 100000) i;
 INSERT INTO hw_keys (key, status, result, request_hash, finished_at)
 SELECT 'rb' || i, 'completed', '{"n": 1}', encode(sha256(convert_to(b.body::jsonb::text, 'UTF8')), 'hex'), now()
   FROM generate_series(1, 1000) i, bench_bodies b WHERE b.id = 1;
@@ -62,15 +67,18 @@ BODY="(SELECT body::jsonb FROM bench_bodies WHERE id = 1)"
 prepare() {
     case $1 in
         replay) echo "PREPARE w(int, int) AS SELECT status, result FROM idem_begin('r' || (1 + \$2 % 1000));" ;;
+        replay_hw) echo "PREPARE w(int, int) AS SELECT status, result FROM replay_results WHERE key = 'r' || (1 + \$2 % 1000);" ;;
         once) echo "PREPARE w(int, int) AS SELECT idem_once('o' || \$1 || '-' || \$2);" ;;
         upsert) echo "PREPARE w(int, int) AS SELECT idem_upsert('t', jsonb_build_object('id', \$2 % 100, 'v', \$2, 'w', 'x'));" ;;
         fingerprint) echo "PREPARE w(int, int) AS SELECT idem_fingerprint(body::jsonb) FROM bench_bodies WHERE id = 1;" ;;
         fingerprint_hw) echo "PREPARE w(int, int) AS SELECT encode(sha256(convert_to(body::jsonb::text, 'UTF8')), 'hex') FROM bench_bodies WHERE id = 1;" ;;
         replay_body) echo "PREPARE w(int, int) AS SELECT status, result FROM idem_begin('rb' || (1 + \$2 % 1000), $BODY);" ;;
         replay_body_hw) echo "PREPARE w(int, int) AS SELECT CASE WHEN k.request_hash = encode(sha256(convert_to(b.body::jsonb::text, 'UTF8')), 'hex') THEN k.status ELSE 'mismatch' END AS status, k.result FROM hw_keys k, bench_bodies b WHERE k.key = 'rb' || (1 + \$2 % 1000) AND b.id = 1;" ;;
-        job|job_body|job_body_hw)
+        job|job_hw|job_body|job_body_hw)
             local begin="SELECT status FROM idem_begin(\$1, $BODY)" finish="SELECT idem_finish(\$1, '{\"charge_id\": 991}')"
             [ "$1" = job ] && begin="SELECT status FROM idem_begin(\$1)"
+            [ "$1" = job_hw ] && begin="SELECT status FROM hw_begin(\$1)" \
+                && finish="SELECT hw_finish(\$1, '{\"charge_id\": 991}')"
             [ "$1" = job_body_hw ] && begin="SELECT status FROM hw_begin_request(\$1, $BODY)" \
                 && finish="SELECT hw_finish(\$1, '{\"charge_id\": 991}')"
             echo "PREPARE b(text) AS $begin;"
@@ -83,7 +91,7 @@ prepare() {
 workload() {
     prepare "$1"
     case $1 in
-        job|job_body|job_body_hw)
+        job|job_hw|job_body|job_body_hw)
             for g in $(seq 1 "$2"); do
                 printf "BEGIN;\nEXECUTE b('%s-%s-%s');\nEXECUTE i('%s-%s-%s');\nEXECUTE f('%s-%s-%s');\nCOMMIT;\n" \
                     "$1" "$2" "$g" "$1" "$2" "$g" "$1" "$2" "$g"

@@ -24,6 +24,10 @@ use std::cmp::Ordering;
 /// Where canonical text goes.
 pub trait Sink {
     fn put(&mut self, bytes: &[u8]);
+    /// A string's UTF-8 bytes as a JSON string, quoted and escaped.
+    fn put_string(&mut self, s: &[u8]) {
+        write_string(s, self);
+    }
 }
 
 impl Sink for Vec<u8> {
@@ -85,6 +89,54 @@ impl Sink for Hasher {
         self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
         self.len += bytes.len();
     }
+
+    /// A string that fits the buffer even if every byte were escaped is
+    /// copied and escaped into it in one pass, eight bytes at a time where
+    /// none needs escaping; a longer one goes through `write_string`.
+    fn put_string(&mut self, s: &[u8]) {
+        let worst = 2 + 6 * s.len();
+        if worst > CHUNK - self.len {
+            if worst > CHUNK {
+                return write_string(s, self);
+            }
+            self.sha.update(&self.buf[..self.len]);
+            self.len = 0;
+        }
+        let buf = &mut self.buf;
+        let mut at = self.len;
+        buf[at] = b'"';
+        at += 1;
+        let mut words = s.chunks_exact(8);
+        for word in &mut words {
+            let word: &[u8; 8] = word.try_into().expect("eight bytes");
+            if !any_escaped(u64::from_le_bytes(*word)) {
+                buf[at..at + 8].copy_from_slice(word);
+                at += 8;
+            } else {
+                for &b in word {
+                    at = put_escaped(buf, at, b);
+                }
+            }
+        }
+        for &b in words.remainder() {
+            at = put_escaped(buf, at, b);
+        }
+        buf[at] = b'"';
+        self.len = at + 1;
+    }
+}
+
+/// Writes byte `b` of a string at `buf[at..]`, escaped if it must be;
+/// returns where the next byte goes.
+#[inline]
+fn put_escaped(buf: &mut [u8; CHUNK], at: usize, b: u8) -> usize {
+    if !ESCAPED[b as usize] {
+        buf[at] = b;
+        return at + 1;
+    }
+    let (bytes, n) = escaped(b);
+    buf[at..at + 6].copy_from_slice(&bytes);
+    at + n
 }
 
 /// One JSON value of a tree. Containers and numbers are handles of the
@@ -157,7 +209,7 @@ pub fn write<'a, T: Tree<'a>, S: Sink>(tree: &T, sink: &mut S) {
                     sink.put(out.as_bytes());
                 }
             }
-            Node::String(s) => write_string(s, sink),
+            Node::String(s) => sink.put_string(s),
             Node::Array(c) => {
                 sink.put(b"[");
                 stack.push(Frame::Array {
@@ -197,7 +249,7 @@ pub fn write<'a, T: Tree<'a>, S: Sink>(tree: &T, sink: &mut S) {
                             sink.put(b",");
                         }
                         *next += 1;
-                        write_string(name, sink);
+                        sink.put_string(name);
                         sink.put(b":");
                         break n;
                     }
@@ -237,7 +289,7 @@ pub fn utf16_cmp(a: &[u8], b: &[u8]) -> Ordering {
 /// `"` and `\`, the short forms `\b \t \n \f \r`, `\u00xx` for the other
 /// control characters; everything else as it is. Bytes are looked at eight
 /// at a time where none of the eight needs escaping.
-fn write_string<S: Sink>(s: &[u8], sink: &mut S) {
+fn write_string<S: Sink + ?Sized>(s: &[u8], sink: &mut S) {
     sink.put(b"\"");
     let mut from = 0;
     let mut i = 0;
@@ -278,27 +330,36 @@ fn any_escaped(w: u64) -> bool {
     (control | zero_byte(w ^ (ONES * b'"' as u64)) | zero_byte(w ^ (ONES * b'\\' as u64))) != 0
 }
 
-fn escape<S: Sink>(b: u8, sink: &mut S) {
-    let short: &[u8] = match b {
-        b'"' => b"\\\"",
-        b'\\' => b"\\\\",
-        0x08 => b"\\b",
-        b'\t' => b"\\t",
-        b'\n' => b"\\n",
-        0x0C => b"\\f",
-        b'\r' => b"\\r",
-        _ => {
-            return sink.put(&[
+fn escape<S: Sink + ?Sized>(b: u8, sink: &mut S) {
+    let (bytes, n) = escaped(b);
+    sink.put(&bytes[..n]);
+}
+
+/// The escape of a byte that needs one: `\"`, `\\`, a short form, or
+/// `\u00xx`; its bytes (padded to six) and its length.
+#[inline]
+fn escaped(b: u8) -> ([u8; 6], usize) {
+    let short = |c: u8| ([b'\\', c, 0, 0, 0, 0], 2);
+    match b {
+        b'"' => short(b'"'),
+        b'\\' => short(b'\\'),
+        0x08 => short(b'b'),
+        b'\t' => short(b't'),
+        b'\n' => short(b'n'),
+        0x0C => short(b'f'),
+        b'\r' => short(b'r'),
+        _ => (
+            [
                 b'\\',
                 b'u',
                 b'0',
                 b'0',
                 HEX[(b >> 4) as usize],
                 HEX[(b & 15) as usize],
-            ])
-        }
-    };
-    sink.put(short);
+            ],
+            6,
+        ),
+    }
 }
 
 /// The bytes a string escapes: control characters, `"` and `\`.
@@ -508,6 +569,16 @@ mod unit {
                     let text = String::from_utf8(bytes).unwrap();
                     let mut out = Vec::new();
                     write_string(text.as_bytes(), &mut out);
+                    // The hasher's own one-pass copy writes the same bytes,
+                    // also after a prefix that leaves the buffer nearly full.
+                    for prefix in [0, CHUNK - 3 - 6 * len, CHUNK - 1] {
+                        let mut hasher = Hasher::new();
+                        hasher.put(&vec![b' '; prefix]);
+                        hasher.put_string(text.as_bytes());
+                        let mut want = vec![b' '; prefix];
+                        want.extend_from_slice(&out);
+                        assert_eq!(hasher.finish(), <[u8; 32]>::from(Sha256::digest(&want)));
+                    }
                     let back: String = serde_json::from_slice(&out).expect("a JSON string");
                     assert_eq!(back, text);
                     let escapes = out.iter().filter(|c| **c == b'\\').count();
