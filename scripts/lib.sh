@@ -117,9 +117,32 @@ CONF
     else
         echo "fsync = off" >>"$dir/data/postgresql.conf"
     fi
-    # Without RUST_BACKTRACE in the server's environment, errors carry no
-    # Rust backtrace in their DETAIL, as on a production server.
-    env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE \
+    # RUST_BACKTRACE is set, as on a server started by hand from a shell
+    # that has it: errors must still reach clients without a Rust
+    # backtrace in their DETAIL (every expected output shows that).
+    env -u RUST_LIB_BACKTRACE RUST_BACKTRACE=1 \
+        runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+}
+
+# start_standby PRIMARY_DIR DIR PORT: a hot standby of the cluster in
+# PRIMARY_DIR (started by start_cluster), streaming from it, listening only
+# on a socket in DIR. Its server log is DIR/server.log.
+start_standby() {
+    local primary=$1 dir=$2 port=$3
+    local primary_port
+    primary_port=$(sed -n 's/^port = //p' "$primary/data/postgresql.conf" | tail -1)
+    stop_cluster "$dir"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    chown postgres:postgres "$dir"
+    runuser -u postgres -- "$PG_BIN/pg_basebackup" -h "$primary" -p "$primary_port" -U postgres \
+        -D "$dir/data" -R -X stream >"$dir/basebackup.log" 2>&1
+    cat >>"$dir/data/postgresql.conf" <<CONF
+port = $port
+unix_socket_directories = '$dir'
+hot_standby = on
+CONF
+    env -u RUST_LIB_BACKTRACE RUST_BACKTRACE=1 \
         runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
 }
 
@@ -140,16 +163,28 @@ stop_cluster() {
 # stop_cluster's immediate shutdown logs no such line: the postmaster does
 # not report its children's exits once it is shutting down. Backends ended
 # by pg_terminate_backend exit; they are not killed by a signal.
+#
+# check_server_log DIR KILLS: the same, except that up to KILLS backends
+# "terminated by signal 9: Killed" are the SIGKILLs a test sent on purpose
+# (more than it sent is a failure, and so is any other signal).
 check_server_log() {
-    local log=$1/server.log
+    local log=$1/server.log allowed=${2:-0}
     local crash='\(PID [0-9]+\) was terminated by (signal|exception)|PANIC:  '
+    local killed='\(PID [0-9]+\) was terminated by signal 9: Killed'
     if [ ! -f "$log" ]; then
         echo "check_server_log: no server log at $log" >&2
         return 2
     fi
-    if grep -qE "$crash" "$log"; then
+    local kills
+    kills=$(grep -cE "$killed" "$log" || true)
+    if [ "$kills" -gt "$allowed" ]; then
+        say "$kills backends were killed, $allowed on purpose: $log"
+        grep -nE -B20 -A1 "$killed" "$log" | tail -100
+        return 1
+    fi
+    if grep -vE "$killed" "$log" | grep -qE "$crash"; then
         say "the server crashed: $log"
-        grep -nE -B20 -A1 "$crash" "$log"
+        grep -nE -B20 -A1 "$crash" "$log" | grep -vE "$killed" | head -200
         return 1
     fi
 }

@@ -28,6 +28,7 @@ extension_sql_file!("../sql/functions.sql", name = "functions", finalize);
 #[allow(non_snake_case)]
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    pg::errors::no_backtraces();
     pg::settings::init();
     pg::inval::init();
     keys::held::init();

@@ -24,6 +24,18 @@ pub fn name_key(key: &str, scope: &str) -> String {
     }
 }
 
+/// Errors reach clients without Rust backtraces, whatever the server's
+/// environment: pgrx adds the backtrace its panic hook captured to the
+/// DETAIL of an error raised inside PostgreSQL code we called, and
+/// `Backtrace::capture` captures when `RUST_BACKTRACE` is set, as it may
+/// be where the server was started by hand. `RUST_LIB_BACKTRACE=0` turns
+/// capturing off (std reads it first, once, on the first capture).
+pub fn no_backtraces() {
+    // SAFETY: a backend runs on one thread: nothing reads the environment
+    // while it is changed.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+}
+
 pub struct Raise {
     report: ErrorReport,
 }
