@@ -269,12 +269,10 @@ fn begin(
             }
         };
         let (lock, seen) = lock;
-        if matches!(seen, Seen::Absent | Seen::Found(_)) {
-            // Past here the key may be claimed; a replay was answered above.
-            check_writable(c"idem_begin");
-        }
         match seen {
             Seen::Absent => {
+                // A claim: refused where nothing may be written (25006).
+                check_writable(c"idem_begin");
                 lock::learn(Space::Keys, false);
                 if lease.is_none() && held::take_lock_claim() {
                     // The lock is the claim: nothing is written until
@@ -316,7 +314,7 @@ fn begin(
                 if now >= deadline {
                     return Answer::InProgress { attempt: None };
                 }
-                wait_for_transaction(xid, deadline);
+                wait_for_transaction(xid, Some(deadline));
             }
             busy @ Seen::Busy { .. } => {
                 lock.release();
@@ -385,6 +383,9 @@ fn begin(
                         other as char
                     ),
                 };
+                // Everything that can be answered without writing was;
+                // this is a claim.
+                check_writable(c"idem_begin");
                 let written = statements::update_claim(&row.tid, scope, key, &claim);
                 lock.release();
                 if let Some(tid) = written {
@@ -432,7 +433,7 @@ fn answer_busy(
             attempt: Some(row.attempt),
         });
     }
-    wait_for_transaction(xid, deadline);
+    wait_for_transaction(xid, Some(deadline));
     None
 }
 

@@ -3,6 +3,7 @@ use crate::ledger::insert;
 use crate::ledger::key_and_scope;
 use crate::ledger::lock::{self, KeyLock, Space};
 use crate::ledger::probe::{probe_once, Recorded};
+use crate::ledger::wait::wait_for_transaction;
 use crate::pg::fmgr::{finfo_v1, Args, Signature};
 use crate::pg::relation::check_writable;
 use pgrx::pg_sys;
@@ -27,7 +28,6 @@ pub unsafe extern "C-unwind" fn idem_once(fcinfo: pg_sys::FunctionCallInfo) -> p
     // SAFETY: Postgres calls this with the call info of idem_once.
     let args = unsafe { Args::new(fcinfo, &SIGNATURE) };
     let (key, scope) = key_and_scope(&args, 0, 1);
-    check_writable(c"idem_once");
     // SAFETY: reads a backend global.
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     pg_sys::Datum::from(record(&scope, &key, now))
@@ -53,20 +53,14 @@ fn record(scope: &str, key: &str, now: pg_sys::TimestampTz) -> bool {
                 if let Some(lock) = locked.take() {
                     lock.release();
                 }
-                // SAFETY: waits for transaction xid to end (a lock wait
-                // that takes part in deadlock detection), or raises an ERROR.
-                unsafe {
-                    pg_sys::XactLockTableWait(
-                        xid,
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
-                        pg_sys::XLTW_Oper::XLTW_None,
-                    )
-                };
+                wait_for_transaction(xid, None);
             }
             Recorded::No => match locked.take() {
                 None => locked = Some(KeyLock::acquire(Space::Once, scope, key)),
                 Some(lock) => {
+                    // A new record: refused where nothing may be written
+                    // (25006); a key already recorded was answered above.
+                    check_writable(c"idem_once");
                     lock::learn(Space::Once, false);
                     insert::insert_once_row(scope, key, now);
                     lock.release();

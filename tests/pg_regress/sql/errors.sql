@@ -93,9 +93,27 @@ SELECT status FROM idem_begin('k', request => ('[1' || repeat('0', 400) || ']'):
 SELECT status FROM idem_begin('k', request => ('[1' || repeat('0', 399) || '1]')::jsonb);
 ROLLBACK;
 
--- A read-only transaction (or a standby) may replay, never claim: 25006.
+-- A read-only transaction (or a standby) gets every answer that needs no
+-- write: a replay, mismatch, in_progress for a running lease, false from
+-- idem_once for a recorded key. A claim or a new record is refused: 25006.
+-- (A running lease, written directly so that the token sequence, which
+-- lease_mode's expected output counts on, does not move.)
+INSERT INTO idempotency.keys (scope, key, status, attempt, created_at, locked_until, lease, token, fingerprint)
+VALUES ('', 'ro-leased', 'p', 1, now(), now() + interval '1 hour', interval '1 hour', 424242,
+        decode(idem_fingerprint('{"a": 1}'), 'hex'));
+BEGIN;
+SELECT status FROM idem_begin('ro-done', request => '{"a": 1}');
+SELECT idem_finish('ro-done', '"stored"');
+COMMIT;
+SELECT idem_once('ro-once');
 BEGIN READ ONLY;
-SELECT status FROM idem_begin('done');
+SELECT status, result FROM idem_begin('done');
+SELECT status, result FROM idem_begin('ro-done', request => '{"a": 1}');
+SELECT status, result FROM idem_begin('ro-done', request => '{"a": 2}');
+SELECT status, attempt, token IS NULL AS no_token FROM idem_begin('ro-leased', request => '{"a": 1}');
+SELECT status FROM idem_begin('ro-leased', request => '{"a": 2}');
+SELECT status FROM idem_begin('ro-leased', request => '{"a": 1}', wait => '50ms');
+SELECT idem_once('ro-once');
 SELECT status FROM idem_begin('new-in-read-only');
 \echo :LAST_ERROR_SQLSTATE
 ROLLBACK;
@@ -103,6 +121,17 @@ BEGIN READ ONLY;
 SELECT idem_once('once-in-read-only');
 \echo :LAST_ERROR_SQLSTATE
 ROLLBACK;
+-- A lease that has ended would be taken over: a claim, so 25006.
+UPDATE idempotency.keys SET locked_until = now() - interval '1 second' WHERE key = 'ro-leased';
+BEGIN READ ONLY;
+SELECT status FROM idem_begin('ro-leased', request => '{"a": 1}');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK;
+-- Nothing changed.
+SELECT key, status, attempt FROM idempotency.keys WHERE key LIKE 'ro-%' ORDER BY key;
+SELECT count(*) FROM idempotency.once WHERE key IN ('ro-once', 'once-in-read-only');
+DELETE FROM idempotency.keys WHERE key LIKE 'ro-%';
+DELETE FROM idempotency.once WHERE key = 'ro-once';
 
 -- A key held in transaction mode cannot be begun again with a lease in the
 -- same transaction: 55000.
