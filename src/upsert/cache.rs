@@ -15,6 +15,9 @@
 //! memory of a forgotten description are freed at the start of the next
 //! outermost call, since an invalidation can arrive while one of its plans
 //! is running.
+//!
+//! The cache is bounded by `idempotency.upsert_cache_size`: past that many
+//! statements (or described tables), the least recently used go first.
 use super::table::{self, Target};
 use crate::pg::inval;
 use pgrx::pg_sys;
@@ -45,6 +48,63 @@ thread_local! {
     /// Counts invalidations, so that a description read while one arrived
     /// is used once and not kept.
     static INVALIDATIONS: Cell<u64> = const { Cell::new(0) };
+    /// A clock for least-recently-used order: one tick per use.
+    static TICK: Cell<u64> = const { Cell::new(0) };
+    /// Statements kept by all descriptions.
+    static PLANS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The next tick of the use clock.
+pub fn tick() -> u64 {
+    let t = TICK.get() + 1;
+    TICK.set(t);
+    t
+}
+
+fn limit() -> usize {
+    crate::pg::settings::UPSERT_CACHE_SIZE.get().max(1) as usize
+}
+
+/// A description kept one more statement: forget the least recently used
+/// ones beyond the limit.
+pub fn added_plan() {
+    PLANS.set(PLANS.get() + 1);
+    while PLANS.get() > limit() {
+        let oldest = TARGETS.with(|t| {
+            t.borrow()
+                .values()
+                .filter_map(|v| v.oldest_plan().map(|used| (used, v.clone())))
+                .min_by_key(|(used, _)| *used)
+                .map(|(_, v)| v)
+        });
+        // A description being read (not yet in the map) may hold the rest.
+        match oldest {
+            Some(target) if target.forget_oldest_plan() => {}
+            _ => break,
+        }
+    }
+}
+
+/// A description let go of a statement (at backend exit, maybe after the
+/// counter itself).
+pub fn dropped_plan() {
+    let _ = PLANS.try_with(|p| p.set(p.get().saturating_sub(1)));
+}
+
+/// Forgets the least recently used descriptions beyond the limit.
+fn trim_targets() {
+    let gone: Vec<Rc<Target>> = TARGETS.with(|t| {
+        let mut t = t.borrow_mut();
+        let mut gone = Vec::new();
+        while t.len() > limit() {
+            let Some(oldest) = t.iter().min_by_key(|(_, v)| v.used.get()).map(|(k, _)| *k) else {
+                break;
+            };
+            gone.extend(t.remove(&oldest));
+        }
+        gone
+    });
+    drop(gone);
 }
 
 pub fn init() {
@@ -135,12 +195,14 @@ impl Drop for Entered {
 /// The description of `relid`, which the caller has locked.
 pub fn target(relid: pg_sys::Oid) -> Rc<Target> {
     if let Some(t) = TARGETS.with(|c| c.borrow().get(&relid).cloned()) {
+        t.used.set(tick());
         return t;
     }
     let before = INVALIDATIONS.get();
     let t = Rc::new(table::load(relid));
     if INVALIDATIONS.get() == before {
         TARGETS.with(|c| c.borrow_mut().insert(relid, t.clone()));
+        trim_targets();
     }
     t
 }

@@ -4,6 +4,7 @@ use crate::pg::errors::{error, Code};
 use crate::pg::fmgr::{finfo_v1, Args, Signature};
 use crate::pg::relation::{self, Spi};
 mod cache;
+mod nothing;
 mod statements;
 mod table;
 
@@ -27,6 +28,10 @@ struct Call {
     nulls: Vec<std::ffi::c_char>,
     columns: Vec<String>,
     conflict: Vec<String>,
+    /// The row's members, by column name (values point into the row).
+    entries: Vec<(String, pg_sys::JsonbValue)>,
+    /// Which of `target.unique_keys` the conflict columns are.
+    key: usize,
 }
 
 fn not_null<T>(v: Option<T>, what: &str) -> T {
@@ -150,19 +155,19 @@ fn prepare_call(args: &Args, what: &str) -> Call {
             .raise();
         }
     }
-    let unique = target.unique_keys.iter().any(|k| {
+    let unique = target.unique_keys.iter().position(|k| {
         let mut cols = k.columns.clone();
         cols.sort();
         cols == conflict
     });
-    if conflict.is_empty() || !unique {
+    let Some(key) = unique.filter(|_| !conflict.is_empty()) else {
         error(
             Code::ERRCODE_INVALID_COLUMN_REFERENCE,
             format!("{name} has no unique index on exactly ({})", conflict.join(", ")),
         )
         .hint("conflict_columns must be the columns of the primary key or of a unique index without a WHERE clause or expressions.")
         .raise();
-    }
+    };
     // The conflicting row is found by these values; a missing or NULL one
     // matches nothing, and every retry would insert again.
     for c in &conflict {
@@ -203,6 +208,8 @@ fn prepare_call(args: &Args, what: &str) -> Call {
         nulls,
         columns,
         conflict,
+        entries,
+        key,
     }
 }
 
@@ -344,15 +351,33 @@ pub unsafe extern "C-unwind" fn idem_upsert(fcinfo: pg_sys::FunctionCallInfo) ->
     if let Some(answer) = answer {
         return answer.into_datum().expect("text datum");
     }
-    error(
-        Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
-        format!(
-            "could not upsert into {}: the row kept changing",
-            call.target.name
-        ),
-    )
-    .hint("Retry the transaction.")
-    .raise()
+    let name = &call.target.name;
+    let key = &call.target.unique_keys[call.key];
+    let value_of = |column: &table::Column| {
+        let (_, v) = call.entries.iter().find(|(k, _)| *k == column.name)?;
+        let mut v = *v;
+        column.conversion.as_ref()?;
+        convert(column, &mut v)
+    };
+    match nothing::why(&call.target, key, value_of) {
+        nothing::Cause::Hidden => error(
+            Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("could not upsert into {name}: row-level security hides the row that conflicts with this one"),
+        )
+        .detail(format!(
+            "A row with the same ({}) exists, and the policies of {name} keep this role from updating or reading it.",
+            key.columns.join(", ")
+        ))
+        .hint("INSERT ... ON CONFLICT DO UPDATE fails the same way; let the policies show this role the rows it may upsert.")
+        .raise(),
+        nothing::Cause::Skipped => "skipped".into_datum().expect("text datum"),
+        nothing::Cause::Concurrent => error(
+            Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            format!("could not upsert into {name}: the row kept changing"),
+        )
+        .hint("Retry the transaction.")
+        .raise(),
+    }
 }
 
 finfo_v1!(pg_finfo_idem_insert_once);

@@ -6,7 +6,7 @@ use super::cache::{self, Kind};
 use crate::pg::errors::{error, Code};
 use crate::pg::relation::{self, Rel};
 use pgrx::pg_sys;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::rc::Rc;
@@ -68,7 +68,9 @@ fn conversion(typid: pg_sys::Oid, context: pg_sys::MemoryContext) -> Option<Conv
 
 pub struct UniqueKey {
     pub primary: bool,
+    /// The key columns, in the index's order.
     pub columns: Vec<String>,
+    pub index: pg_sys::Oid,
 }
 
 /// A prepared statement for one (columns, conflict columns, kind). The
@@ -88,7 +90,21 @@ impl Drop for Plan {
 
 type PlanKey = (Vec<String>, Vec<String>, Kind);
 
+/// A plan as the cache keeps it (None: nothing to do), with when it was
+/// last used.
+struct Kept {
+    plan: Option<Rc<Plan>>,
+    used: Cell<u64>,
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        cache::dropped_plan();
+    }
+}
+
 pub struct Target {
+    pub relid: pg_sys::Oid,
     /// The schema-qualified, quoted name.
     pub name: String,
     /// The syscache hash of the table's schema, to forget the target when
@@ -98,8 +114,10 @@ pub struct Target {
     pub unique_keys: Vec<UniqueKey>,
     /// Where the input functions keep what they cache.
     _context: Context,
-    /// None: the statement of that kind has nothing to do.
-    plans: RefCell<HashMap<PlanKey, Option<Rc<Plan>>>>,
+    /// The statements prepared for this table, by columns and kind.
+    plans: RefCell<HashMap<PlanKey, Kept>>,
+    /// When this description was last used (see `cache::tick`).
+    pub used: Cell<u64>,
 }
 
 /// A memory context of a Target's own, deleted (at the start of the next
@@ -159,8 +177,9 @@ impl Target {
     /// the statement has nothing to do (see `statements::build`).
     pub fn plan(&self, columns: &[String], conflict: &[String], kind: Kind) -> Option<Rc<Plan>> {
         let key = (columns.to_vec(), conflict.to_vec(), kind);
-        if let Some(p) = self.plans.borrow().get(&key) {
-            return p.clone();
+        if let Some(k) = self.plans.borrow().get(&key) {
+            k.used.set(cache::tick());
+            return k.plan.clone();
         }
         let plan = super::statements::build(self, columns, conflict, kind).map(|sql| {
             let types = super::statements::parameter_types(self, columns);
@@ -168,8 +187,37 @@ impl Target {
                 ptr: crate::ledger::statements::prepare_kept(&sql, &types),
             })
         });
-        self.plans.borrow_mut().insert(key, plan.clone());
+        self.plans.borrow_mut().insert(
+            key,
+            Kept {
+                plan: plan.clone(),
+                used: Cell::new(cache::tick()),
+            },
+        );
+        cache::added_plan();
         plan
+    }
+
+    /// When the least recently used statement was last used.
+    pub fn oldest_plan(&self) -> Option<u64> {
+        self.plans.borrow().values().map(|k| k.used.get()).min()
+    }
+
+    /// Forgets the least recently used statement (freed once no call runs
+    /// it); false when there is none.
+    pub fn forget_oldest_plan(&self) -> bool {
+        let mut plans = self.plans.borrow_mut();
+        let Some(key) = plans
+            .iter()
+            .min_by_key(|(_, k)| k.used.get())
+            .map(|(key, _)| key.clone())
+        else {
+            return false;
+        };
+        let gone = plans.remove(&key);
+        drop(plans);
+        drop(gone);
+        true
     }
 }
 
@@ -263,15 +311,18 @@ pub fn load(relid: pg_sys::Oid) -> Target {
         unique_keys.push(UniqueKey {
             primary: form.indisprimary,
             columns,
+            index: index.oid(),
         });
     }
     Target {
+        relid,
         name,
         namespace_hash: crate::pg::inval::namespace_hash(namespace),
         columns,
         unique_keys,
         _context: context,
         plans: RefCell::new(HashMap::new()),
+        used: Cell::new(cache::tick()),
     }
 }
 

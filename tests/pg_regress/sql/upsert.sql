@@ -169,8 +169,40 @@ SELECT idem_upsert('notes', '{"id": 1, "owner": "upsert_user", "body": "mine"}')
 SELECT idem_upsert('notes', '{"id": 2, "owner": "someone_else", "body": "theirs"}');
 \echo :LAST_ERROR_SQLSTATE
 RESET ROLE;
-SELECT * FROM notes;
+-- A row the policy hides, with the key the caller upserts: 42501, as
+-- INSERT ... ON CONFLICT DO UPDATE gives, not a 40001 that no retry
+-- fixes; idem_insert_once answers false, as ON CONFLICT DO NOTHING does.
+INSERT INTO notes VALUES (3, 'someone_else', 'hidden');
+SET ROLE upsert_user;
+SELECT idem_upsert('notes', '{"id": 3, "owner": "upsert_user", "body": "mine now"}');
+\echo :LAST_ERROR_SQLSTATE
+INSERT INTO notes VALUES (3, 'upsert_user', 'plain') ON CONFLICT (id) DO UPDATE SET body = excluded.body;
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_insert_once('notes', '{"id": 3, "owner": "upsert_user", "body": "mine now"}');
+RESET ROLE;
+SELECT * FROM notes ORDER BY id;
 DROP TABLE notes;
+
+-- A BEFORE INSERT trigger that returns NULL skips the row: `skipped`
+-- (nothing written, no row conflicts), not a 40001 that no retry fixes;
+-- idem_insert_once answers false. A rule that does nothing instead of the
+-- insert is the same.
+CREATE TABLE filtered (id int PRIMARY KEY, v text);
+CREATE FUNCTION drop_odd() RETURNS trigger LANGUAGE plpgsql AS
+    $$ BEGIN IF NEW.id % 2 = 1 THEN RETURN NULL; END IF; RETURN NEW; END $$;
+CREATE TRIGGER drop_odd BEFORE INSERT ON filtered FOR EACH ROW EXECUTE FUNCTION drop_odd();
+SELECT idem_upsert('filtered', '{"id": 1, "v": "odd"}');
+SELECT idem_upsert('filtered', '{"id": 2, "v": "even"}');
+SELECT idem_upsert('filtered', '{"id": 2, "v": "even, again"}');
+SELECT idem_insert_once('filtered', '{"id": 3, "v": "odd"}');
+SELECT * FROM filtered ORDER BY id;
+DROP TRIGGER drop_odd ON filtered;
+CREATE RULE nothing AS ON INSERT TO filtered DO INSTEAD NOTHING;
+SELECT idem_upsert('filtered', '{"id": 5, "v": "ruled out"}');
+SELECT idem_upsert('filtered', '{"id": 2, "v": "updates still work"}');
+SELECT * FROM filtered ORDER BY id;
+DROP TABLE filtered;
+DROP FUNCTION drop_odd();
 REVOKE ALL ON accounts FROM upsert_user;
 DROP ROLE upsert_user;
 

@@ -44,3 +44,46 @@ SELECT * FROM described;
 DROP TABLE c1;
 SELECT idem_upsert('c2', '{"id": 1, "v": "d"}');
 SELECT * FROM described;
+
+-- The cache is bounded: past idempotency.upsert_cache_size statements, or
+-- tables described, the least recently used are freed (at the start of the
+-- next call). Twenty tables, three statements each (update, look, insert),
+-- with room for five: the last five statements and the last five tables
+-- stay.
+CREATE VIEW statements AS
+    SELECT count(*) AS statements
+      FROM pg_backend_memory_contexts
+     WHERE name = 'CachedPlanSource' AND ident LIKE '%lru%';
+SET idempotency.upsert_cache_size = 5;
+DO $$
+BEGIN
+    FOR i IN 1..20 LOOP
+        EXECUTE format('CREATE TABLE lru%s (id int PRIMARY KEY, a int, b int, c int, d int)', i);
+    END LOOP;
+END $$;
+-- (Created and committed first: the commit of a CREATE TABLE forgets what
+-- the same transaction described of the new table.)
+SELECT count(idem_upsert(format('lru%s', i)::regclass, '{"id": 1, "a": 1}'))
+  FROM generate_series(1, 20) i;
+SELECT idem_upsert('lru20', '{"id": 1, "a": 2}');
+SELECT * FROM statements;
+SELECT count(*) AS tables FROM pg_backend_memory_contexts
+ WHERE name = 'idempotency upsert target' AND ident LIKE '%lru%';
+-- One table upserted with every subset of four columns: fifteen sets of
+-- columns, three statements each; five kept.
+SELECT count(*) AS upserts
+  FROM generate_series(1, 15) m,
+       LATERAL (SELECT idem_upsert('lru20', jsonb_object_agg(c, m) || '{"id": 2}')
+                  FROM unnest(ARRAY['a', 'b', 'c', 'd']) WITH ORDINALITY AS u(c, n)
+                 WHERE m & (1 << (n - 1)::int) <> 0) AS u;
+-- (A call that prepares a statement retires the least recently used one,
+-- which the next call frees when it starts: the first two calls here
+-- prepare the update and the look for these columns, the third prepares
+-- nothing.)
+SELECT idem_upsert('lru20', '{"id": 2, "a": 1}');
+SELECT idem_upsert('lru20', '{"id": 2, "a": 1}');
+SELECT idem_upsert('lru20', '{"id": 2, "a": 1}');
+SELECT * FROM statements;
+SELECT count(*) AS tables FROM pg_backend_memory_contexts
+ WHERE name = 'idempotency upsert target' AND ident LIKE '%lru%';
+RESET idempotency.upsert_cache_size;
