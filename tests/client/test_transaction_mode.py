@@ -107,3 +107,29 @@ def test_the_demo_charges_every_order_exactly_once(conn, capsys):
     assert conn.execute("SELECT count(*) FROM shop.payments").fetchone() == (20,)
     out = capsys.readouterr().out
     assert "every order charged exactly once" in out
+
+
+def test_two_phase_commit_wakes_a_waiting_caller(conn, fresh_keys):
+    """A caller waiting for a key held by a prepared transaction gets the
+    stored result as soon as COMMIT PREPARED runs, not when its wait ends."""
+    holder = psycopg.connect()
+    holder.execute("SELECT status FROM idem_begin('2pc-wake')")
+    holder.execute("SELECT idem_finish('2pc-wake', '\"prepared\"')")
+    holder.execute("PREPARE TRANSACTION 'idem-2pc-wake'")
+    holder.close()
+    answers = []
+
+    def waiter():
+        with psycopg.connect(autocommit=True) as c:
+            t0 = time.monotonic()
+            row = c.execute("SELECT status, result FROM idem_begin('2pc-wake', wait => '20s')").fetchone()
+            answers.append((row, time.monotonic() - t0))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.5)
+    conn.execute("COMMIT PREPARED 'idem-2pc-wake'")
+    thread.join(30)
+    (row, waited) = answers[0]
+    assert row == ("completed", "prepared")
+    assert 0.4 <= waited < 5

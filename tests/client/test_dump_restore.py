@@ -1,0 +1,88 @@
+"""pg_dump and pg_restore keep every key, in every state, row for row, with
+the token sequence's position, and the restored database answers as the
+original did."""
+import os
+import subprocess
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+PG_BIN = "/usr/lib/postgresql/15/bin"
+
+
+def run(*cmd):
+    subprocess.run([os.path.join(PG_BIN, cmd[0]), *cmd[1:]], check=True,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def fill(conn):
+    """Keys in every state a key can be in."""
+    def begin(key, **kw):
+        args = "".join(f", {k} => %({k})s" for k in kw)
+        return conn.execute(f"SELECT status, token FROM idem_begin(%(key)s{args})", {"key": key, **kw}).fetchone()
+
+    with conn.transaction():
+        begin("completed", request=Jsonb({"amount": 1}))
+        conn.execute("SELECT idem_checkpoint('completed', 'half-way')")
+        conn.execute("SELECT idem_finish('completed', '{\"charge\": 7}', ttl => '30 days')")
+    with conn.transaction():
+        begin("failed", scope="tenant-1")
+        conn.execute("SELECT idem_fail('failed', '{\"error\": \"card declined\"}', scope => 'tenant-1', retryable => false)")
+    with conn.transaction():
+        begin("released")
+        conn.execute("SELECT idem_fail('released', '\"timeout\"', retryable => true)")
+    _, token = begin("leased", lease="1 hour", request=Jsonb({"to": "a@example.com"}))
+    conn.execute("SELECT idem_checkpoint('leased', 'sent', token => %s)", (token,))
+    _, token = begin("leased-done", lease="1 hour")
+    conn.execute("SELECT idem_finish('leased-done', '\"ok\"', token => %s)", (token,))
+    with conn.transaction():
+        begin("expired")
+        conn.execute("SELECT idem_finish('expired', '1')")
+    conn.execute("UPDATE idempotency.keys SET expires_at = now() - interval '1 minute' WHERE key = 'expired'")
+    conn.execute("SELECT idem_once('webhook-1'), idem_once('webhook-2', scope => 'tenant-1')")
+
+
+def snapshot(conn):
+    keys = conn.execute("SELECT * FROM idempotency.keys ORDER BY scope, key").fetchall()
+    once = conn.execute("SELECT * FROM idempotency.once ORDER BY scope, key").fetchall()
+    seq = conn.execute("SELECT last_value, is_called FROM idempotency.tokens").fetchone()
+    return keys, once, seq
+
+
+def test_dump_and_restore_keep_every_key(tmp_path):
+    with psycopg.connect(autocommit=True) as admin:
+        for db in ("idem_dump_src", "idem_dump_dst"):
+            admin.execute(f"DROP DATABASE IF EXISTS {db}")
+        admin.execute("CREATE DATABASE idem_dump_src")
+        admin.execute("CREATE DATABASE idem_dump_dst")
+    with psycopg.connect(dbname="idem_dump_src", autocommit=True) as src:
+        src.execute("CREATE EXTENSION idempotency")
+        fill(src)
+        before = snapshot(src)
+    assert len(before[0]) == 6 and len(before[1]) == 2
+    dump = tmp_path / "keys.dump"
+    os.chmod(tmp_path, 0o777)
+    run("pg_dump", "-Fc", "-d", "idem_dump_src", "-f", str(dump))
+    run("pg_restore", "-d", "idem_dump_dst", "--exit-on-error", str(dump))
+    with psycopg.connect(dbname="idem_dump_dst", autocommit=True) as dst:
+        assert snapshot(dst) == before
+        # The restored database answers as the original did.
+        assert dst.execute("SELECT status, result FROM idem_begin('completed', request => '{\"amount\": 1}')").fetchone() \
+            == ("completed", {"charge": 7})
+        assert dst.execute("SELECT status FROM idem_begin('completed', request => '{\"amount\": 2}')").fetchone() \
+            == ("mismatch",)
+        assert dst.execute("SELECT status, result FROM idem_begin('failed', scope => 'tenant-1')").fetchone() \
+            == ("failed", {"error": "card declined"})
+        assert dst.execute("SELECT status FROM idem_begin('leased')").fetchone() == ("in_progress",)
+        assert dst.execute("SELECT idem_once('webhook-1')").fetchone() == (False,)
+        # A new lease's token is larger than every token dumped.
+        old_max = max(k for k in dst.execute("SELECT max(token) FROM idempotency.keys").fetchone())
+        with dst.transaction():
+            status, _ = dst.execute("SELECT status, attempt FROM idem_begin('released')").fetchone()
+            assert status == "started"
+            dst.execute("SELECT idem_finish('released', '\"done\"')")
+        status, token = dst.execute("SELECT status, token FROM idem_begin('new-lease', lease => '1 minute')").fetchone()
+        assert status == "started" and token > old_max
+    with psycopg.connect(autocommit=True) as admin:
+        admin.execute("DROP DATABASE idem_dump_src")
+        admin.execute("DROP DATABASE idem_dump_dst")
