@@ -32,6 +32,7 @@ CREATE TABLE idempotency.keys (
     locked_until   timestamptz,
     lease          interval,
     token          bigint,
+    holder         regrole,
     attempt        integer NOT NULL,
     status         "char" NOT NULL CHECK (status IN ('p', 'c', 'f', 'r')),
     scope          text COLLATE "C" NOT NULL,

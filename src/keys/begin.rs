@@ -445,12 +445,14 @@ fn new_claim<'a>(
     lease: Option<&'a pg_sys::Interval>,
     now: pg_sys::TimestampTz,
 ) -> Claim<'a> {
-    let (locked_until, token) = match lease {
+    let (locked_until, token, holder) = match lease {
         Some(iv) => (
             Some(fmgr::timestamptz_plus(now, iv)),
             Some(statements::next_token()),
+            // SAFETY: reads a backend global.
+            Some(unsafe { pg_sys::GetUserId() }),
         ),
-        None => (None, None),
+        None => (None, None, None),
     };
     Claim {
         attempt,
@@ -460,6 +462,7 @@ fn new_claim<'a>(
         locked_until,
         token,
         lease,
+        holder,
     }
 }
 

@@ -59,6 +59,10 @@ fn holder(key: &str, scope: &str, token: Option<i64>) -> (Holder, Option<Tid>, O
             let lock = KeyLock::acquire(Space::Keys, scope, key);
             match probe(scope, key) {
                 Seen::Found(row) if row.status == IN_PROGRESS && row.token == Some(token) => {
+                    if let Some(role) = row.holder.filter(|r| !may_act_as(*r)) {
+                        lock.release();
+                        not_the_holder(key, scope, role);
+                    }
                     (Holder::Lease, Some(row.tid), Some(lock))
                 }
                 Seen::Absent | Seen::Deleting { .. } => {
@@ -72,6 +76,43 @@ fn holder(key: &str, scope: &str, token: Option<i64>) -> (Holder, Option<Tid>, O
             }
         }
     }
+}
+
+/// Whether the current role has the privileges of `role`, the holder of a
+/// lease (itself, a role it is a member of with inheritance, a superuser).
+fn may_act_as(role: pg_sys::Oid) -> bool {
+    // SAFETY: reads the role membership cache.
+    unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), role) }
+}
+
+/// A token is not enough to act for a lease: the role that took it must
+/// act, or one with its privileges. Tokens come from one sequence, so
+/// another role could guess one.
+fn not_the_holder(key: &str, scope: &str, role: pg_sys::Oid) -> ! {
+    // SAFETY: GetUserNameFromId with noerr returns a palloc'd name or NULL.
+    let name = |oid: pg_sys::Oid| unsafe {
+        let p = pg_sys::GetUserNameFromId(oid, true);
+        if p.is_null() {
+            format!("{}", oid.to_u32())
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
+    error(
+        Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!(
+            "permission denied for the lease on {}",
+            name_key(key, scope)
+        ),
+    )
+    .detail(format!(
+        "The lease is held by role \"{}\"; role \"{}\" does not have its privileges.",
+        name(role),
+        // SAFETY: reads a backend global.
+        name(unsafe { pg_sys::GetUserId() })
+    ))
+    .hint("Finish, fail or checkpoint a lease as the role that began it.")
+    .raise()
 }
 
 fn ttl_expiry(
@@ -118,6 +159,7 @@ fn record_outcome(
             status,
             attempt: h.attempt,
             token: None,
+            holder: None,
             fingerprint: h.fingerprint.as_ref(),
             result,
             recovery_point: h.recovery_point.as_deref(),

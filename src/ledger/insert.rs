@@ -19,7 +19,7 @@
 use super::statements;
 use super::tables::{self, Table, Which};
 use super::tables::{
-    K_ATTEMPT, K_CREATED_AT, K_EXPIRES_AT, K_FINGERPRINT, K_FINISHED_AT, K_KEY, K_LEASE,
+    K_ATTEMPT, K_CREATED_AT, K_EXPIRES_AT, K_FINGERPRINT, K_FINISHED_AT, K_HOLDER, K_KEY, K_LEASE,
     K_LOCKED_UNTIL, K_RECOVERY_POINT, K_RESULT, K_SCOPE, K_STATUS, K_TOKEN, O_KEY, O_RECORDED_AT,
     O_SCOPE,
 };
@@ -150,6 +150,8 @@ pub struct KeyRow<'a> {
     pub status: u8,
     pub attempt: i32,
     pub token: Option<i64>,
+    /// The role holding a lease.
+    pub holder: Option<pg_sys::Oid>,
     pub fingerprint: Option<&'a [u8; 32]>,
     pub result: Option<pg_sys::Datum>,
     pub recovery_point: Option<&'a str>,
@@ -167,6 +169,7 @@ pub fn insert_key_row(row: &KeyRow) -> Tid {
     values[K_STATUS] = Some(pg_sys::Datum::from(row.status as i8));
     values[K_ATTEMPT] = Some(pg_sys::Datum::from(row.attempt));
     values[K_TOKEN] = row.token.map(pg_sys::Datum::from);
+    values[K_HOLDER] = row.holder.map(pg_sys::Datum::from);
     values[K_FINGERPRINT] = row.fingerprint.and_then(|f| (&f[..]).into_datum());
     values[K_RESULT] = row.result;
     values[K_RECOVERY_POINT] = row.recovery_point.and_then(|r| r.into_datum());

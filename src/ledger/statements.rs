@@ -27,6 +27,7 @@ const JSONB: pg_sys::Oid = pg_sys::JSONBOID;
 const CHAR: pg_sys::Oid = pg_sys::CHAROID;
 const INTERVAL: pg_sys::Oid = pg_sys::INTERVALOID;
 const TID: pg_sys::Oid = pg_sys::TIDOID;
+const REGROLE: pg_sys::Oid = pg_sys::REGROLEOID;
 
 /// The row a statement updates: its TID, then scope and key to be sure.
 const THIS_ROW: &str = "WHERE ctid OPERATOR(pg_catalog.=) $1 \
@@ -35,9 +36,10 @@ const THIS_ROW: &str = "WHERE ctid OPERATOR(pg_catalog.=) $1 \
 /// A claim of a key that has a row: released, expired or taken over.
 const UPDATE_CLAIM: &str = "UPDATE idempotency.keys SET status = 'p', attempt = $4, \
      fingerprint = $5, recovery_point = $6, created_at = COALESCE($7, created_at), \
-     locked_until = $8, token = $9, lease = $10, result = NULL, finished_at = NULL, expires_at = NULL";
+     locked_until = $8, token = $9, lease = $10, holder = $11, result = NULL, finished_at = NULL, \
+     expires_at = NULL";
 const CLAIM_TYPES: &[pg_sys::Oid] = &[
-    TID, TEXT, TEXT, INT4, BYTEA, TEXT, TSTZ, TSTZ, INT8, INTERVAL,
+    TID, TEXT, TEXT, INT4, BYTEA, TEXT, TSTZ, TSTZ, INT8, INTERVAL, REGROLE,
 ];
 
 /// The outcome: completed, failed, or released for a retry.
@@ -256,6 +258,8 @@ pub struct Claim<'a> {
     pub locked_until: Option<pg_sys::TimestampTz>,
     pub token: Option<i64>,
     pub lease: Option<&'a pg_sys::Interval>,
+    /// The role that takes a lease (None in transaction mode).
+    pub holder: Option<pg_sys::Oid>,
 }
 
 impl Claim<'_> {
@@ -267,6 +271,7 @@ impl Claim<'_> {
             status: super::IN_PROGRESS,
             attempt: self.attempt,
             token: self.token,
+            holder: self.holder,
             fingerprint: self.fingerprint,
             result: None,
             recovery_point: self.recovery_point,
@@ -294,6 +299,7 @@ impl Claim<'_> {
             int8(self.token),
             self.lease
                 .map(|iv| pg_sys::Datum::from(iv as *const pg_sys::Interval)),
+            self.holder.map(pg_sys::Datum::from),
         ]
     }
 }

@@ -70,4 +70,32 @@ RESET search_path;
 RESET ROLE;
 SELECT key, result FROM idempotency.keys WHERE key IN ('app:1', 'app:2', 'app:3') ORDER BY key;
 DROP SCHEMA evil CASCADE;
+
+-- A lease's token is not enough to act for it: only the role that began
+-- the lease, or one with its privileges, may checkpoint, fail or finish it
+-- (42501); another role that guessed the token (they come from one
+-- sequence) changes nothing.
+CREATE ROLE idem_other;
+CREATE ROLE idem_member IN ROLE idem_app;
+SET ROLE idem_app;
+SELECT token AS app_token FROM idem_begin('app:guarded', lease => '1 hour') \gset
+SET ROLE idem_other;
+SELECT idem_checkpoint('app:guarded', 'forged', token => :app_token);
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_finish('app:guarded', '"forged"', token => :app_token);
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_fail('app:guarded', '"forged"', token => :app_token);
+\echo :LAST_ERROR_SQLSTATE
+RESET ROLE;
+SELECT key, status, holder, recovery_point, result FROM idempotency.keys WHERE key = 'app:guarded';
+-- A member of the holder's role may act for it.
+SET ROLE idem_member;
+SELECT idem_checkpoint('app:guarded', 'half-way', token => :app_token);
+SET ROLE idem_app;
+SELECT idem_finish('app:guarded', '"sent"', token => :app_token);
+RESET ROLE;
+SELECT key, status, holder, recovery_point, result FROM idempotency.keys WHERE key = 'app:guarded';
+DELETE FROM idempotency.keys WHERE key = 'app:guarded';
+DROP ROLE idem_member;
+DROP ROLE idem_other;
 DROP ROLE idem_app;
