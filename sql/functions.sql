@@ -138,9 +138,17 @@ COMMENT ON FUNCTION idem_get IS 'The committed state of a key, or no row when it
 -- pg_cron; an expired key is unknown to every function even before.
 CREATE FUNCTION idem_purge(batch_size integer DEFAULT 10000)
 RETURNS bigint
-LANGUAGE sql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF batch_size < 0 THEN
+        RAISE EXCEPTION 'batch_size must not be negative'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass how many expired keys to delete at most, or NULL for all of them.';
+    END IF;
     WITH gone AS (
         DELETE FROM idempotency.keys
          WHERE ctid = ANY (ARRAY(
@@ -149,6 +157,8 @@ AS $$
                     LIMIT batch_size
                       FOR UPDATE SKIP LOCKED))
         RETURNING 1)
-    SELECT count(*) FROM gone
+    SELECT count(*) INTO n FROM gone;
+    RETURN n;
+END
 $$;
 COMMENT ON FUNCTION idem_purge IS 'Delete up to batch_size expired keys; returns how many';
