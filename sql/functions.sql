@@ -5,7 +5,7 @@
 -- during an upgrade old and new libraries can be installed side by side.
 -- Callers need no rights on the idempotency schema: the C functions read and
 -- insert rows without SQL and run their prepared statements as the key
--- table's owner (src/store/statements.rs); idem_get and idem_purge are
+-- table's owner (src/ledger/statements.rs); idem_get and idem_purge are
 -- SECURITY DEFINER. Every statement qualifies its operators, so a caller's
 -- search_path cannot change their meaning.
 
