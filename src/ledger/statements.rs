@@ -27,7 +27,7 @@ const JSONB: pg_sys::Oid = pg_sys::JSONBOID;
 const CHAR: pg_sys::Oid = pg_sys::CHAROID;
 const INTERVAL: pg_sys::Oid = pg_sys::INTERVALOID;
 const TID: pg_sys::Oid = pg_sys::TIDOID;
-const REGROLE: pg_sys::Oid = pg_sys::REGROLEOID;
+const OID: pg_sys::Oid = pg_sys::OIDOID;
 
 /// The row a statement updates: its TID, then scope and key to be sure.
 const THIS_ROW: &str = "WHERE ctid OPERATOR(pg_catalog.=) $1 \
@@ -39,7 +39,7 @@ const UPDATE_CLAIM: &str = "UPDATE idempotency.keys SET status = 'p', attempt = 
      locked_until = $8, token = $9, lease = $10, holder = $11, result = NULL, finished_at = NULL, \
      expires_at = NULL";
 const CLAIM_TYPES: &[pg_sys::Oid] = &[
-    TID, TEXT, TEXT, INT4, BYTEA, TEXT, TSTZ, TSTZ, INT8, INTERVAL, REGROLE,
+    TID, TEXT, TEXT, INT4, BYTEA, TEXT, TSTZ, TSTZ, INT8, INTERVAL, OID,
 ];
 
 /// The outcome: completed, failed, or released for a retry.

@@ -44,7 +44,7 @@ pub const KEYS_COLUMNS: [Column; 14] = [
     col(c"locked_until", pg_sys::TIMESTAMPTZOID, false),
     col(c"lease", pg_sys::INTERVALOID, false),
     col(c"token", pg_sys::INT8OID, false),
-    col(c"holder", pg_sys::REGROLEOID, false),
+    col(c"holder", pg_sys::OIDOID, false),
     col(c"attempt", pg_sys::INT4OID, true),
     col(c"status", pg_sys::CHAROID, true),
     col(c"scope", pg_sys::TEXTOID, true),

@@ -86,3 +86,33 @@ def test_dump_and_restore_keep_every_key(tmp_path):
     with psycopg.connect(autocommit=True) as admin:
         admin.execute("DROP DATABASE idem_dump_src")
         admin.execute("DROP DATABASE idem_dump_dst")
+
+
+def test_restore_into_a_cluster_without_the_lease_holders_role(tmp_path):
+    """A key that was leased records its holder role by OID: the dump
+    restores where that role does not exist."""
+    with psycopg.connect(autocommit=True) as admin:
+        for db in ("idem_dump_roles", "idem_dump_roles_dst"):
+            admin.execute(f"DROP DATABASE IF EXISTS {db}")
+        admin.execute("DROP ROLE IF EXISTS idem_gone")
+        admin.execute("CREATE DATABASE idem_dump_roles")
+        admin.execute("CREATE DATABASE idem_dump_roles_dst")
+        admin.execute("CREATE ROLE idem_gone")
+    with psycopg.connect(dbname="idem_dump_roles", autocommit=True) as src:
+        src.execute("CREATE EXTENSION idempotency")
+        src.execute("SET ROLE idem_gone")
+        _, token = src.execute("SELECT status, token FROM idem_begin('leased', lease => '1 hour')").fetchone()
+        src.execute("SELECT idem_finish('leased', '\"sent\"', token => %s)", (token,))
+        src.execute("RESET ROLE")
+        before = snapshot(src)
+    dump = tmp_path / "roles.dump"
+    run("pg_dump", "-Fc", "-d", "idem_dump_roles", "-f", str(dump))
+    with psycopg.connect(autocommit=True) as admin:
+        admin.execute("DROP DATABASE idem_dump_roles")
+        admin.execute("DROP ROLE idem_gone")
+    run("pg_restore", "-d", "idem_dump_roles_dst", "--exit-on-error", str(dump))
+    with psycopg.connect(dbname="idem_dump_roles_dst", autocommit=True) as dst:
+        assert snapshot(dst) == before
+        assert dst.execute("SELECT status, result FROM idem_begin('leased')").fetchone() == ("completed", "sent")
+    with psycopg.connect(autocommit=True) as admin:
+        admin.execute("DROP DATABASE idem_dump_roles_dst")

@@ -87,14 +87,14 @@ SELECT idem_finish('app:guarded', '"forged"', token => :app_token);
 SELECT idem_fail('app:guarded', '"forged"', token => :app_token);
 \echo :LAST_ERROR_SQLSTATE
 RESET ROLE;
-SELECT key, status, holder, recovery_point, result FROM idempotency.keys WHERE key = 'app:guarded';
+SELECT key, status, holder::regrole, recovery_point, result FROM idempotency.keys WHERE key = 'app:guarded';
 -- A member of the holder's role may act for it.
 SET ROLE idem_member;
 SELECT idem_checkpoint('app:guarded', 'half-way', token => :app_token);
 SET ROLE idem_app;
 SELECT idem_finish('app:guarded', '"sent"', token => :app_token);
 RESET ROLE;
-SELECT key, status, holder, recovery_point, result FROM idempotency.keys WHERE key = 'app:guarded';
+SELECT key, status, holder::regrole, recovery_point, result FROM idempotency.keys WHERE key = 'app:guarded';
 DELETE FROM idempotency.keys WHERE key = 'app:guarded';
 DROP ROLE idem_member;
 DROP ROLE idem_other;
