@@ -12,7 +12,8 @@
 //! Which one is told by looking for the conflicting row in the unique
 //! index itself, with a dirty snapshot (committed rows and those of open
 //! transactions), as the insert's own conflict check does: no SQL, so no
-//! row-level security.
+//! row-level security. For a partitioned table, in the unique indexes of
+//! its leaf partitions, whose triggers count too.
 use super::table::{Column, Target, UniqueKey};
 use crate::pg::relation::{IndexScan, Rel, Slot};
 use pgrx::pg_sys;
@@ -46,7 +47,33 @@ pub fn why(
     // description was read) and holds that lock to the end of the
     // transaction.
     let heap = unsafe { Rel::open_locked(target.relid) };
-    let Some(exists) = conflicting_row(&heap, key.index, &values) else {
+    // A partitioned table's rows, triggers and index entries are its leaf
+    // partitions'.
+    let leaves = if is_partitioned(&heap) {
+        leaf_partitions(&heap)
+    } else {
+        Vec::new()
+    };
+    let exists = if leaves.is_empty() {
+        conflicting_row(&heap, key.index, &values)
+    } else {
+        let mut found = Some(false);
+        for leaf in &leaves {
+            match unique_index_on(leaf, &key.columns) {
+                Some(index) => match conflicting_row(leaf, index, &values) {
+                    Some(true) => {
+                        found = Some(true);
+                        break;
+                    }
+                    Some(false) => {}
+                    None => found = None,
+                },
+                None => found = None,
+            }
+        }
+        found
+    };
+    let Some(exists) = exists else {
         return Cause::Concurrent;
     };
     if exists {
@@ -58,11 +85,79 @@ pub fn why(
         }
         return Cause::Concurrent;
     }
-    if skips_inserts(&heap) {
+    if skips_inserts(&heap) || leaves.iter().any(skips_inserts) {
         Cause::Skipped
     } else {
         Cause::Concurrent
     }
+}
+
+fn is_partitioned(rel: &Rel) -> bool {
+    // SAFETY: rd_rel of an open relation is its pg_class row.
+    unsafe { (*(*rel.as_ptr()).rd_rel).relkind as u8 == pg_sys::RELKIND_PARTITIONED_TABLE }
+}
+
+/// The leaf partitions of a partitioned table, locked (AccessShareLock, as
+/// a read of them would take) and opened, at any depth.
+fn leaf_partitions(parent: &Rel) -> Vec<Rel> {
+    let mut leaves = Vec::new();
+    let mut todo: Vec<pg_sys::Oid> = partitions(parent);
+    while let Some(oid) = todo.pop() {
+        crate::pg::relation::lock(oid, pg_sys::AccessShareLock);
+        // A partition detached and dropped meanwhile is simply gone.
+        let Some(rel) = Rel::try_open_locked(oid) else {
+            continue;
+        };
+        if is_partitioned(&rel) {
+            todo.extend(partitions(&rel));
+        } else {
+            leaves.push(rel);
+        }
+    }
+    leaves
+}
+
+/// The direct partitions of a partitioned table (detached ones omitted).
+fn partitions(rel: &Rel) -> Vec<pg_sys::Oid> {
+    // SAFETY: rel is an open, locked partitioned table; the partition
+    // descriptor lives in its relcache entry while it is open, and holds
+    // nparts OIDs.
+    unsafe {
+        let desc = pg_sys::RelationGetPartitionDesc(rel.as_ptr(), true);
+        if desc.is_null() {
+            return Vec::new();
+        }
+        (0..(*desc).nparts as usize)
+            .map(|i| *(*desc).oids.add(i))
+            .collect()
+    }
+}
+
+/// A unique index of `rel` on exactly `columns`, in that order, on plain
+/// columns and without a predicate: the leaf's part of the parent's index.
+fn unique_index_on(rel: &Rel, columns: &[String]) -> Option<pg_sys::Oid> {
+    let attrs = rel.attributes();
+    let name_of = |attnum: pg_sys::AttrNumber| {
+        attrs.iter().find(|a| a.attnum == attnum).map(|a| {
+            crate::pg::relation::attname(a)
+                .to_string_lossy()
+                .into_owned()
+        })
+    };
+    rel.index_oids().into_iter().find(|&oid| {
+        let index = Rel::index(oid, pg_sys::AccessShareLock);
+        let form = index.index_form();
+        // SAFETY: the index is open; these read its relcache entry.
+        let plain = unsafe {
+            pg_sys::RelationGetIndexExpressions(index.as_ptr()).is_null()
+                && pg_sys::RelationGetIndexPredicate(index.as_ptr()).is_null()
+        };
+        form.indisunique
+            && plain
+            && form.indnkeyatts as usize == columns.len()
+            && (0..columns.len())
+                .all(|k| name_of(index.index_key(k)).as_deref() == Some(&columns[k]))
+    })
 }
 
 /// Whether a BEFORE INSERT row trigger or a rule on INSERT may keep a row

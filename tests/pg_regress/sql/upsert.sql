@@ -182,6 +182,20 @@ SELECT idem_insert_once('notes', '{"id": 3, "owner": "upsert_user", "body": "min
 RESET ROLE;
 SELECT * FROM notes ORDER BY id;
 DROP TABLE notes;
+-- The same through a partitioned table.
+CREATE TABLE notes_p (id int PRIMARY KEY, owner text, body text) PARTITION BY RANGE (id);
+CREATE TABLE notes_p1 PARTITION OF notes_p FOR VALUES FROM (0) TO (100);
+ALTER TABLE notes_p ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_notes ON notes_p USING (owner = current_user) WITH CHECK (owner = current_user);
+GRANT SELECT, INSERT, UPDATE ON notes_p TO upsert_user;
+INSERT INTO notes_p VALUES (3, 'someone_else', 'hidden');
+SET ROLE upsert_user;
+SELECT idem_upsert('notes_p', '{"id": 3, "owner": "upsert_user", "body": "mine now"}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT idem_upsert('notes_p', '{"id": 4, "owner": "upsert_user", "body": "mine"}');
+RESET ROLE;
+SELECT * FROM notes_p ORDER BY id;
+DROP TABLE notes_p;
 
 -- A BEFORE INSERT trigger that returns NULL skips the row: `skipped`
 -- (nothing written, no row conflicts), not a 40001 that no retry fixes;
@@ -202,6 +216,18 @@ SELECT idem_upsert('filtered', '{"id": 5, "v": "ruled out"}');
 SELECT idem_upsert('filtered', '{"id": 2, "v": "updates still work"}');
 SELECT * FROM filtered ORDER BY id;
 DROP TABLE filtered;
+-- The same for a partitioned table, whose partitions have the triggers.
+CREATE TABLE filtered_p (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+CREATE TABLE filtered_p1 PARTITION OF filtered_p FOR VALUES FROM (0) TO (100);
+CREATE TABLE filtered_p2 PARTITION OF filtered_p FOR VALUES FROM (100) TO (200)
+    PARTITION BY RANGE (id);
+CREATE TABLE filtered_p2a PARTITION OF filtered_p2 FOR VALUES FROM (100) TO (200);
+CREATE TRIGGER drop_odd BEFORE INSERT ON filtered_p2a FOR EACH ROW EXECUTE FUNCTION drop_odd();
+SELECT idem_upsert('filtered_p', '{"id": 101, "v": "odd, in a sub-partition"}');
+SELECT idem_upsert('filtered_p', '{"id": 102, "v": "even"}');
+SELECT idem_upsert('filtered_p', '{"id": 1, "v": "no trigger here"}');
+SELECT * FROM filtered_p ORDER BY id;
+DROP TABLE filtered_p;
 DROP FUNCTION drop_odd();
 REVOKE ALL ON accounts FROM upsert_user;
 DROP ROLE upsert_user;
