@@ -59,7 +59,13 @@ pub fn why(
     } else {
         let mut found = Some(false);
         for leaf in &leaves {
-            match unique_index_on(leaf, &key.columns) {
+            // The leaf's part of the parent's index: its unique index on the
+            // same columns, in the same order.
+            let index = super::table::unique_keys(leaf)
+                .into_iter()
+                .find(|k| k.columns == key.columns)
+                .map(|k| k.index);
+            match index {
                 Some(index) => match conflicting_row(leaf, index, &values) {
                     Some(true) => {
                         found = Some(true);
@@ -131,33 +137,6 @@ fn partitions(rel: &Rel) -> Vec<pg_sys::Oid> {
             .map(|i| *(*desc).oids.add(i))
             .collect()
     }
-}
-
-/// A unique index of `rel` on exactly `columns`, in that order, on plain
-/// columns and without a predicate: the leaf's part of the parent's index.
-fn unique_index_on(rel: &Rel, columns: &[String]) -> Option<pg_sys::Oid> {
-    let attrs = rel.attributes();
-    let name_of = |attnum: pg_sys::AttrNumber| {
-        attrs.iter().find(|a| a.attnum == attnum).map(|a| {
-            crate::pg::relation::attname(a)
-                .to_string_lossy()
-                .into_owned()
-        })
-    };
-    rel.index_oids().into_iter().find(|&oid| {
-        let index = Rel::index(oid, pg_sys::AccessShareLock);
-        let form = index.index_form();
-        // SAFETY: the index is open; these read its relcache entry.
-        let plain = unsafe {
-            pg_sys::RelationGetIndexExpressions(index.as_ptr()).is_null()
-                && pg_sys::RelationGetIndexPredicate(index.as_ptr()).is_null()
-        };
-        form.indisunique
-            && plain
-            && form.indnkeyatts as usize == columns.len()
-            && (0..columns.len())
-                .all(|k| name_of(index.index_key(k)).as_deref() == Some(&columns[k]))
-    })
 }
 
 /// Whether a BEFORE INSERT row trigger or a rule on INSERT may keep a row

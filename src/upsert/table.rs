@@ -280,7 +280,25 @@ pub fn load(relid: pg_sys::Oid) -> Target {
             conversion: conversion(a.atttypid, context.0),
         })
         .collect();
-    let mut unique_keys = Vec::new();
+    let unique_keys = unique_keys(&rel);
+    Target {
+        relid,
+        name,
+        namespace_hash: crate::pg::inval::namespace_hash(namespace),
+        columns,
+        unique_keys,
+        _context: context,
+        plans: RefCell::new(HashMap::new()),
+        used: Cell::new(cache::tick()),
+    }
+}
+
+/// The valid unique indexes of `rel` on plain columns without a predicate,
+/// with their key columns by name (INCLUDE columns follow the key columns
+/// and are not part of what is unique).
+pub fn unique_keys(rel: &Rel) -> Vec<UniqueKey> {
+    let attrs = rel.attributes();
+    let mut keys = Vec::new();
     for oid in rel.index_oids() {
         let index = Rel::index(oid, pg_sys::AccessShareLock);
         let form = index.index_form();
@@ -296,34 +314,23 @@ pub fn load(relid: pg_sys::Oid) -> Target {
         if !plain {
             continue;
         }
-        // The key columns (INCLUDE columns follow them and are not part of
-        // what is unique).
         let columns = (0..form.indnkeyatts as usize)
             .map(|k| {
                 let attnum = index.index_key(k);
                 attrs
                     .iter()
                     .find(|a| a.attnum == attnum)
-                    .map(|a| attname(a))
+                    .map(|a| relation::attname(a).to_string_lossy().into_owned())
                     .unwrap_or_default()
             })
             .collect();
-        unique_keys.push(UniqueKey {
+        keys.push(UniqueKey {
             primary: form.indisprimary,
             columns,
-            index: index.oid(),
+            index: oid,
         });
     }
-    Target {
-        relid,
-        name,
-        namespace_hash: crate::pg::inval::namespace_hash(namespace),
-        columns,
-        unique_keys,
-        _context: context,
-        plans: RefCell::new(HashMap::new()),
-        used: Cell::new(cache::tick()),
-    }
+    keys
 }
 
 fn equality(typid: pg_sys::Oid) -> pg_sys::Oid {
