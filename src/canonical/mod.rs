@@ -450,6 +450,19 @@ pub mod value {
     }
 }
 
+/// A repeatable stream of pseudo-random numbers (xorshift64) for tests that
+/// sweep many generated inputs.
+#[cfg(test)]
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
 #[cfg(test)]
 mod unit {
     use super::value::canonical as canon;
@@ -540,11 +553,9 @@ mod unit {
                 }
             }
         }
-        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..1_000_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = next();
             assert_eq!(any_escaped(x), bytewise(x), "{x:#x}");
         }
     }

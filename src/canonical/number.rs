@@ -436,13 +436,7 @@ mod unit {
     /// what is not plain.
     #[test]
     fn trim_plain_agrees() {
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = crate::canonical::xorshift(0x2545_f491_4f6c_dd1d);
         let mut trimmed = 0;
         for _ in 0..300_000 {
             let digits = (next() % 10u64.pow(1 + (next() % 19) as u32)).to_string();
@@ -455,7 +449,7 @@ mod unit {
                 3 => format!("{digits}.{zeros}{more}{zeros}"),
                 _ => format!("{digits}.{more}"),
             };
-            let text = if next() % 2 == 0 {
+            let text = if next().is_multiple_of(2) {
                 format!("-{text}")
             } else {
                 text
@@ -488,13 +482,7 @@ mod unit {
     /// The allocation-free path gives what the general one gives.
     #[test]
     fn short_path_agrees() {
-        let mut rng = 0x9e3779b97f4a7c15u64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = crate::canonical::xorshift(0x9e3779b97f4a7c15);
         for _ in 0..200_000 {
             let digits = (next() % 10u64.pow(1 + (next() % 16) as u32)).to_string();
             let point = (next() % 40) as usize;
@@ -508,7 +496,7 @@ mod unit {
                 }
                 _ => format!("{digits}.{zeros}"),
             };
-            let text = if next() % 2 == 0 {
+            let text = if next().is_multiple_of(2) {
                 format!("-{text}")
             } else {
                 text
