@@ -5,9 +5,14 @@
 -- during an upgrade old and new libraries can be installed side by side.
 -- Callers need no rights on the idempotency schema: the C functions read and
 -- insert rows without SQL and run their prepared statements as the key
--- table's owner (src/ledger/statements.rs); idem_get and idem_purge are
--- SECURITY DEFINER. Every statement qualifies its operators, so a caller's
+-- table's owner (src/ledger/statements.rs); idem_purge is SECURITY
+-- DEFINER. Every statement qualifies its operators, so a caller's
 -- search_path cannot change their meaning.
+--
+-- Privileges: a key belongs to the role that claimed it (src/keys/owner.rs);
+-- every function but idem_purge is executable by PUBLIC, as functions are by
+-- default, and acts only on the caller's own keys. idem_purge deletes every
+-- role's expired keys, so only the installer may run it until it grants it.
 
 -- idem_begin's row is a named type rather than OUT parameters: the executor
 -- then takes its shape from the type cache instead of rebuilding it from
@@ -27,7 +32,7 @@ CREATE FUNCTION idem_begin(
     wait interval DEFAULT '0')
 RETURNS idem_begin_result
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.1.0', 'idem_begin';
+AS '$libdir/idempotency-0.2.0', 'idem_begin';
 COMMENT ON FUNCTION idem_begin IS 'Claim an idempotency key: started, completed, failed, in_progress or mismatch';
 
 CREATE FUNCTION idem_finish(
@@ -38,7 +43,7 @@ CREATE FUNCTION idem_finish(
     ttl interval DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.1.0', 'idem_finish';
+AS '$libdir/idempotency-0.2.0', 'idem_finish';
 COMMENT ON FUNCTION idem_finish IS 'Store the result of a key this transaction (or this token) holds';
 
 CREATE FUNCTION idem_fail(
@@ -49,7 +54,7 @@ CREATE FUNCTION idem_fail(
     token bigint DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.1.0', 'idem_fail';
+AS '$libdir/idempotency-0.2.0', 'idem_fail';
 COMMENT ON FUNCTION idem_fail IS 'Release a held key for a retry, or store a permanent failure';
 
 CREATE FUNCTION idem_checkpoint(
@@ -59,13 +64,13 @@ CREATE FUNCTION idem_checkpoint(
     token bigint DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.1.0', 'idem_checkpoint';
+AS '$libdir/idempotency-0.2.0', 'idem_checkpoint';
 COMMENT ON FUNCTION idem_checkpoint IS 'Record a recovery point for a held key and renew its lease';
 
 CREATE FUNCTION idem_once(key text, scope text DEFAULT '')
 RETURNS boolean
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.1.0', 'idem_once';
+AS '$libdir/idempotency-0.2.0', 'idem_once';
 COMMENT ON FUNCTION idem_once IS 'Record a key in the deduplication ledger: true the first time, false after';
 
 -- The upsert helpers run with the caller's privileges (SECURITY INVOKER):
@@ -73,35 +78,31 @@ COMMENT ON FUNCTION idem_once IS 'Record a key in the deduplication ledger: true
 CREATE FUNCTION idem_upsert(target regclass, "row" jsonb, conflict_columns text[] DEFAULT NULL)
 RETURNS text
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.1.0', 'idem_upsert';
+AS '$libdir/idempotency-0.2.0', 'idem_upsert';
 COMMENT ON FUNCTION idem_upsert IS 'Insert a row, or update the row it conflicts with: inserted, updated or unchanged';
 
 CREATE FUNCTION idem_insert_once(target regclass, "row" jsonb, conflict_columns text[] DEFAULT NULL)
 RETURNS boolean
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.1.0', 'idem_insert_once';
+AS '$libdir/idempotency-0.2.0', 'idem_insert_once';
 COMMENT ON FUNCTION idem_insert_once IS 'Insert a row unless a conflicting row exists; true if it inserted';
 
 CREATE FUNCTION idem_canonical(value jsonb)
 RETURNS text
 LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
-AS '$libdir/idempotency-0.1.0', 'idem_canonical';
+AS '$libdir/idempotency-0.2.0', 'idem_canonical';
 COMMENT ON FUNCTION idem_canonical IS 'The RFC 8785 canonical JSON text of a value';
 
 CREATE FUNCTION idem_fingerprint(value jsonb)
 RETURNS text
 LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
-AS '$libdir/idempotency-0.1.0', 'idem_fingerprint';
+AS '$libdir/idempotency-0.2.0', 'idem_fingerprint';
 COMMENT ON FUNCTION idem_fingerprint IS 'Lowercase hex SHA-256 of idem_canonical(value)';
 
-CREATE FUNCTION idempotency._check_key(key text, scope text)
-RETURNS boolean
-LANGUAGE c STABLE PARALLEL SAFE
-AS '$libdir/idempotency-0.1.0', 'idem_check_key';
-
 -- Read-only, so it works on a hot standby. Shows the committed state (and
--- this transaction's own changes); an expired key is no row. VOLATILE: it
--- reads the clock, as the other functions do, to tell a key expired.
+-- this transaction's own changes); a key that is unknown, expired, or
+-- belongs to a role whose privileges the caller lacks is no row. VOLATILE:
+-- it reads the clock, as the other functions do, to tell a key expired.
 CREATE FUNCTION idem_get(key text, scope text DEFAULT '')
 RETURNS TABLE (
     status text,
@@ -113,24 +114,9 @@ RETURNS TABLE (
     finished_at timestamptz,
     expires_at timestamptz,
     locked_until timestamptz)
-LANGUAGE sql VOLATILE PARALLEL SAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT CASE k.status
-               WHEN 'p' THEN 'in_progress'
-               WHEN 'c' THEN 'completed'
-               WHEN 'f' THEN 'failed'
-               WHEN 'r' THEN 'released'
-           END,
-           k.result, k.attempt, k.recovery_point, encode(k.fingerprint, 'hex'),
-           k.created_at, k.finished_at, k.expires_at, k.locked_until
-      FROM idempotency.keys AS k
-     WHERE idempotency._check_key($1, $2)
-       AND k.scope = $2
-       AND k.key = $1
-       AND (k.expires_at IS NULL OR k.expires_at > clock_timestamp())
-$$;
-COMMENT ON FUNCTION idem_get IS 'The committed state of a key, or no row when it is unknown or expired';
+LANGUAGE c VOLATILE PARALLEL SAFE ROWS 1
+AS '$libdir/idempotency-0.2.0', 'idem_get';
+COMMENT ON FUNCTION idem_get IS 'The committed state of a key, or no row when it is unknown, expired or another role''s';
 
 -- Deletes up to batch_size expired keys (NULL: all of them) and returns how
 -- many. Rows another transaction has locked are skipped, never waited for,
@@ -162,3 +148,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION idem_purge IS 'Delete up to batch_size expired keys; returns how many';
+REVOKE EXECUTE ON FUNCTION idem_purge FROM PUBLIC;

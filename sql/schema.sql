@@ -24,9 +24,10 @@ REVOKE ALL ON SCHEMA idempotency FROM PUBLIC;
 -- scope and key use the "C" collation: byte order is all the index needs, and
 -- it is much cheaper than a linguistic collation. fillfactor leaves room on
 -- each page so that idem_finish's update of a fresh claim stays a HOT update.
--- expires_at is deliberately not indexed, for the same reason. holder is
--- the OID of the role that took a lease (an oid rather than a regrole, so
--- that a dump restores into a cluster without that role).
+-- expires_at is deliberately not indexed, for the same reason. owner is
+-- the OID of the role that claimed the key, which alone (with the roles
+-- that have its privileges) may act on it or see it; an oid rather than a
+-- regrole, so that a dump restores into a cluster without that role.
 CREATE TABLE idempotency.keys (
     created_at     timestamptz NOT NULL,
     finished_at    timestamptz,
@@ -34,7 +35,7 @@ CREATE TABLE idempotency.keys (
     locked_until   timestamptz,
     lease          interval,
     token          bigint,
-    holder         oid,
+    owner          oid,
     attempt        integer NOT NULL,
     status         "char" NOT NULL CHECK (status IN ('p', 'c', 'f', 'r')),
     scope          text COLLATE "C" NOT NULL,

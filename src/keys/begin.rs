@@ -8,6 +8,7 @@
 //! token, and others answer `in_progress` until the lease ends.
 use crate::canonical::sql::fingerprint_of_jsonb;
 use crate::keys::held::{self, Held};
+use crate::keys::owner;
 use crate::ledger::insert;
 use crate::ledger::key_and_scope;
 use crate::ledger::lock::{self, KeyLock, Space};
@@ -182,6 +183,8 @@ fn begin(
 ) -> Answer {
     // A key this transaction already holds: the same attempt again.
     if let Some(h) = held::get(scope, key).filter(|h| !h.finished) {
+        // Under the role that claimed it (see outcome.rs: after SET ROLE).
+        owner::check(Some(h.owner), key, scope);
         if differs(h.fingerprint.as_ref(), fingerprint.as_ref()) {
             return Answer::Mismatch;
         }
@@ -231,6 +234,7 @@ fn begin(
                 let Seen::Found(row) = seen else {
                     unreachable!()
                 };
+                refuse_unless_owner(&row, now, key, scope);
                 if differs(row.fingerprint.as_ref(), fingerprint.as_ref()) {
                     return Answer::Mismatch;
                 }
@@ -244,13 +248,14 @@ fn begin(
         let lock = match (lock, seen) {
             (Some(lock), seen) => (lock, seen),
             (None, busy @ Seen::Busy { .. }) => {
-                match answer_busy(busy, fingerprint.as_ref(), now, deadline) {
+                match answer_busy(busy, key, scope, fingerprint.as_ref(), now, deadline) {
                     Some(answer) => return answer,
                     None => continue,
                 }
             }
             (None, seen) => {
                 if let Seen::Found(row) = &seen {
+                    refuse_unless_owner(row, now, key, scope);
                     if differs(row.fingerprint.as_ref(), fingerprint.as_ref()) && !row.expired(now)
                     {
                         return Answer::Mismatch;
@@ -286,6 +291,7 @@ fn begin(
                             fingerprint,
                             recovery_point: None,
                             finished: false,
+                            owner: owner::current_role(),
                             tid: None,
                         },
                     );
@@ -302,6 +308,7 @@ fn begin(
                     Some(transaction_start()),
                     lease,
                     now,
+                    owner::current_role(),
                 );
                 let tid = insert::insert_key_row(&claim.row(scope, key));
                 lock.release();
@@ -318,7 +325,9 @@ fn begin(
             }
             busy @ Seen::Busy { .. } => {
                 lock.release();
-                if let Some(answer) = answer_busy(busy, fingerprint.as_ref(), now, deadline) {
+                if let Some(answer) =
+                    answer_busy(busy, key, scope, fingerprint.as_ref(), now, deadline)
+                {
                     return answer;
                 }
             }
@@ -327,6 +336,10 @@ fn begin(
                 let leased = row.status == IN_PROGRESS
                     && !row.own
                     && row.locked_until.is_some_and(|l| l > now);
+                if let Some(role) = owner::denied(row.owner).filter(|_| !expired && !row.own) {
+                    lock.release();
+                    owner::refuse(key, scope, role);
+                }
                 if !expired && differs(row.fingerprint.as_ref(), fingerprint.as_ref()) {
                     lock.release();
                     return Answer::Mismatch;
@@ -341,6 +354,7 @@ fn begin(
                             Some(transaction_start()),
                             lease,
                             now,
+                            owner::current_role(),
                         )
                     }
                     IN_PROGRESS if row.own => {
@@ -365,6 +379,8 @@ fn begin(
                     }
                     // Released for a retry, or a lease that has ended: the
                     // next attempt, resuming from the last recovery point.
+                    // The key stays its owner's (a key from before owners
+                    // were recorded becomes the claimer's).
                     IN_PROGRESS | RELEASED => new_claim(
                         row.attempt + 1,
                         row.fingerprint.as_ref().or(fingerprint.as_ref()),
@@ -372,6 +388,7 @@ fn begin(
                         None,
                         lease,
                         now,
+                        row.owner.unwrap_or_else(owner::current_role),
                     ),
                     // Finished while this caller waited for the lock.
                     COMPLETED | FAILED => {
@@ -416,6 +433,8 @@ fn attempt_of(seen: &Seen) -> Option<i32> {
 /// return None to look again.
 fn answer_busy(
     seen: Seen,
+    key: &str,
+    scope: &str,
     fingerprint: Option<&[u8; 32]>,
     now: pg_sys::TimestampTz,
     deadline: pg_sys::TimestampTz,
@@ -425,6 +444,7 @@ fn answer_busy(
     };
     // An expired row being claimed again has forgotten its old request.
     let expired = row.expired(now);
+    refuse_unless_owner(&row, now, key, scope);
     if !expired && differs(row.fingerprint.as_ref(), fingerprint) {
         return Some(Answer::Mismatch);
     }
@@ -444,15 +464,14 @@ fn new_claim<'a>(
     created_at: Option<pg_sys::TimestampTz>,
     lease: Option<&'a pg_sys::Interval>,
     now: pg_sys::TimestampTz,
+    owner: pg_sys::Oid,
 ) -> Claim<'a> {
-    let (locked_until, token, holder) = match lease {
+    let (locked_until, token) = match lease {
         Some(iv) => (
             Some(fmgr::timestamptz_plus(now, iv)),
             Some(statements::next_token()),
-            // SAFETY: reads a backend global.
-            Some(unsafe { pg_sys::GetUserId() }),
         ),
-        None => (None, None, None),
+        None => (None, None),
     };
     Claim {
         attempt,
@@ -462,7 +481,7 @@ fn new_claim<'a>(
         locked_until,
         token,
         lease,
-        holder,
+        owner,
     }
 }
 
@@ -484,6 +503,7 @@ fn started(
                 fingerprint: claim.fingerprint.copied().or(fingerprint),
                 recovery_point: recovery_point.clone(),
                 finished: false,
+                owner: claim.owner,
                 tid,
             },
         );
@@ -492,6 +512,16 @@ fn started(
         attempt: claim.attempt,
         recovery_point,
         token: claim.token,
+    }
+}
+
+/// A key of another role is not answered at all, whatever its state: its
+/// result, its request and its progress are that role's (42501). An expired
+/// key is unknown, so anyone may claim it afresh; this transaction's own
+/// rows are its own.
+fn refuse_unless_owner(row: &Row, now: pg_sys::TimestampTz, key: &str, scope: &str) {
+    if !row.own && !row.expired(now) {
+        owner::check(row.owner, key, scope);
     }
 }
 

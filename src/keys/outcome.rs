@@ -2,6 +2,7 @@
 //! records. In transaction mode the holder is the transaction that began the
 //! key; in lease mode it is whoever presents the current fencing token.
 use crate::keys::held::{self, Held};
+use crate::keys::owner;
 use crate::ledger::insert::{self as direct, KeyRow};
 use crate::ledger::key_and_scope;
 use crate::ledger::lock::{KeyLock, Space};
@@ -50,6 +51,9 @@ fn holder(key: &str, scope: &str, token: Option<i64>) -> (Holder, Option<Tid>, O
     match token {
         None => match held::get(scope, key) {
             Some(h) if !h.finished => {
+                // The transaction holds it, under the role that claimed it
+                // (or one with its privileges, after a SET ROLE).
+                owner::check(Some(h.owner), key, scope);
                 let tid = h.tid;
                 (Holder::Transaction(h), tid, None)
             }
@@ -59,9 +63,9 @@ fn holder(key: &str, scope: &str, token: Option<i64>) -> (Holder, Option<Tid>, O
             let lock = KeyLock::acquire(Space::Keys, scope, key);
             match probe(scope, key) {
                 Seen::Found(row) if row.status == IN_PROGRESS && row.token == Some(token) => {
-                    if let Some(role) = row.holder.filter(|r| !may_act_as(*r)) {
+                    if let Some(role) = owner::denied(row.owner) {
                         lock.release();
-                        not_the_holder(key, scope, role);
+                        owner::refuse(key, scope, role);
                     }
                     (Holder::Lease, Some(row.tid), Some(lock))
                 }
@@ -76,43 +80,6 @@ fn holder(key: &str, scope: &str, token: Option<i64>) -> (Holder, Option<Tid>, O
             }
         }
     }
-}
-
-/// Whether the current role has the privileges of `role`, the holder of a
-/// lease (itself, a role it is a member of with inheritance, a superuser).
-fn may_act_as(role: pg_sys::Oid) -> bool {
-    // SAFETY: reads the role membership cache.
-    unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), role) }
-}
-
-/// A token is not enough to act for a lease: the role that took it must
-/// act, or one with its privileges. Tokens come from one sequence, so
-/// another role could guess one.
-fn not_the_holder(key: &str, scope: &str, role: pg_sys::Oid) -> ! {
-    // SAFETY: GetUserNameFromId with noerr returns a palloc'd name or NULL.
-    let name = |oid: pg_sys::Oid| unsafe {
-        let p = pg_sys::GetUserNameFromId(oid, true);
-        if p.is_null() {
-            format!("{}", oid.to_u32())
-        } else {
-            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
-        }
-    };
-    error(
-        Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
-        format!(
-            "permission denied for the lease on {}",
-            name_key(key, scope)
-        ),
-    )
-    .detail(format!(
-        "The lease is held by role \"{}\"; role \"{}\" does not have its privileges.",
-        name(role),
-        // SAFETY: reads a backend global.
-        name(unsafe { pg_sys::GetUserId() })
-    ))
-    .hint("Finish, fail or checkpoint a lease as the role that began it.")
-    .raise()
 }
 
 fn ttl_expiry(
@@ -134,7 +101,7 @@ fn ttl_expiry(
             }
             fmgr::timestamptz_plus(now, &iv)
         }
-        None => now.saturating_add(settings::TTL_SECONDS.get() as i64 * 1_000_000),
+        None => now.saturating_add(settings::ttl_seconds() as i64 * 1_000_000),
     };
     (now, expires)
 }
@@ -159,7 +126,7 @@ fn record_outcome(
             status,
             attempt: h.attempt,
             token: None,
-            holder: None,
+            owner: Some(h.owner),
             fingerprint: h.fingerprint.as_ref(),
             result,
             recovery_point: h.recovery_point.as_deref(),

@@ -19,9 +19,9 @@
 use super::statements;
 use super::tables::{self, Table, Which};
 use super::tables::{
-    K_ATTEMPT, K_CREATED_AT, K_EXPIRES_AT, K_FINGERPRINT, K_FINISHED_AT, K_HOLDER, K_KEY, K_LEASE,
-    K_LOCKED_UNTIL, K_RECOVERY_POINT, K_RESULT, K_SCOPE, K_STATUS, K_TOKEN, O_KEY, O_RECORDED_AT,
-    O_SCOPE,
+    K_ATTEMPT, K_CREATED_AT, K_EXPIRES_AT, K_FINGERPRINT, K_FINISHED_AT, K_KEY, K_LEASE,
+    K_LOCKED_UNTIL, K_OWNER, K_RECOVERY_POINT, K_RESULT, K_SCOPE, K_STATUS, K_TOKEN, O_KEY,
+    O_RECORDED_AT, O_SCOPE,
 };
 use crate::pg::relation::Rel;
 use pgrx::pg_sys;
@@ -151,7 +151,7 @@ pub struct KeyRow<'a> {
     pub attempt: i32,
     pub token: Option<i64>,
     /// The role holding a lease.
-    pub holder: Option<pg_sys::Oid>,
+    pub owner: Option<pg_sys::Oid>,
     pub fingerprint: Option<&'a [u8; 32]>,
     pub result: Option<pg_sys::Datum>,
     pub recovery_point: Option<&'a str>,
@@ -169,7 +169,7 @@ pub fn insert_key_row(row: &KeyRow) -> Tid {
     values[K_STATUS] = Some(pg_sys::Datum::from(row.status as i8));
     values[K_ATTEMPT] = Some(pg_sys::Datum::from(row.attempt));
     values[K_TOKEN] = row.token.map(pg_sys::Datum::from);
-    values[K_HOLDER] = row.holder.map(pg_sys::Datum::from);
+    values[K_OWNER] = row.owner.map(pg_sys::Datum::from);
     values[K_FINGERPRINT] = row.fingerprint.and_then(|f| (&f[..]).into_datum());
     values[K_RESULT] = row.result;
     values[K_RECOVERY_POINT] = row.recovery_point.and_then(|r| r.into_datum());

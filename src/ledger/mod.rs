@@ -7,7 +7,7 @@
 //!   from the primary-key index, to tell "someone else holds it" apart from
 //!   "it is free" without waiting.
 //! - `lock`: the short per-key lock that makes probe-then-write atomic.
-//! - `statements`: the prepared statements that update rows (and insert
+//! - `statements`: the prepared statements that update and read rows (and insert
 //!   them when a DBA's trigger, constraint or index needs the executor).
 //! - `insert`: inserts without SQL into the heap and every ready index.
 //! - `wait`: bounded waits for a key's holder.
@@ -21,10 +21,8 @@ pub mod wait;
 pub use tables::{catalog, COMPLETED, FAILED, IN_PROGRESS, RELEASED};
 
 use crate::pg::errors::{error, name_key, Code};
-use crate::pg::fmgr::{finfo_v1, Args, Signature};
+use crate::pg::fmgr::Args;
 use crate::pg::settings;
-use pgrx::pg_sys;
-use pgrx::prelude::*;
 
 /// Reads and checks the key and scope arguments (22004 for NULL, 22023 for
 /// empty or too long).
@@ -64,7 +62,7 @@ pub fn check_key(key: &str, scope: &str) {
         .hint("Pass the key that identifies this piece of work, such as 'charge:order-42'.")
         .raise();
     }
-    let max = settings::MAX_KEY_LENGTH.get().max(1) as usize;
+    let max = settings::max_key_length().max(1) as usize;
     for (what, value) in [("key", key), ("scope", scope)] {
         // No more bytes than the limit means no more characters either.
         if value.len() <= max {
@@ -84,23 +82,4 @@ pub fn check_key(key: &str, scope: &str) {
             .raise();
         }
     }
-}
-
-finfo_v1!(pg_finfo_idem_check_key);
-
-const CHECK_KEY: Signature = Signature {
-    name: "idempotency._check_key",
-    args: &[pg_sys::TEXTOID, pg_sys::TEXTOID],
-    result: Some(pg_sys::BOOLOID),
-};
-
-/// `idempotency._check_key(key, scope)`: the argument checks of the other
-/// functions, for the SQL-language ones.
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn idem_check_key(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    // SAFETY: Postgres calls this with the call info of _check_key.
-    let args = unsafe { Args::new(fcinfo, &CHECK_KEY) };
-    key_and_scope(&args, 0, 1);
-    pg_sys::Datum::from(true)
 }

@@ -16,8 +16,9 @@ pub struct Row {
     pub status: u8,
     pub attempt: i32,
     pub token: Option<i64>,
-    /// The role holding a lease.
-    pub holder: Option<pg_sys::Oid>,
+    /// The role that claimed the key (NULL for keys claimed in transaction
+    /// mode before 0.2.0, which belong to no role).
+    pub owner: Option<pg_sys::Oid>,
     pub fingerprint: Option<[u8; 32]>,
     /// The stored result, copied out of the buffer (a jsonb datum).
     pub result: Option<pg_sys::Datum>,
@@ -268,7 +269,7 @@ unsafe fn read_row(
             status: get(K_STATUS).map(|d| d.value() as u8).unwrap_or(0),
             attempt: get(K_ATTEMPT).map(|d| d.value() as i32).unwrap_or(0),
             token: get(K_TOKEN).map(|d| d.value() as i64),
-            holder: get(K_HOLDER).map(|d| pg_sys::Oid::from(d.value() as u32)),
+            owner: get(K_OWNER).map(|d| pg_sys::Oid::from(d.value() as u32)),
             fingerprint,
             result: get(K_RESULT)
                 .filter(|_| with_result)

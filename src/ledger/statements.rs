@@ -36,7 +36,7 @@ const THIS_ROW: &str = "WHERE ctid OPERATOR(pg_catalog.=) $1 \
 /// A claim of a key that has a row: released, expired or taken over.
 const UPDATE_CLAIM: &str = "UPDATE idempotency.keys SET status = 'p', attempt = $4, \
      fingerprint = $5, recovery_point = $6, created_at = COALESCE($7, created_at), \
-     locked_until = $8, token = $9, lease = $10, holder = $11, result = NULL, finished_at = NULL, \
+     locked_until = $8, token = $9, lease = $10, owner = $11, result = NULL, finished_at = NULL, \
      expires_at = NULL";
 const CLAIM_TYPES: &[pg_sys::Oid] = &[
     TID, TEXT, TEXT, INT4, BYTEA, TEXT, TSTZ, TSTZ, INT8, INTERVAL, OID,
@@ -56,6 +56,24 @@ const UPDATE_CHECKPOINT_TYPES: &[pg_sys::Oid] = &[TID, TEXT, TEXT, TEXT, TSTZ];
 /// gets a larger token than any earlier one, even after the key was purged.
 const NEXT_TOKEN: &str = "SELECT pg_catalog.nextval('idempotency.tokens'::pg_catalog.regclass)";
 
+/// A key's committed state for `idem_get`, in its result's columns, then
+/// the owner. Every operator, type and collation is qualified, and the
+/// collation is the index's, so that the primary key is used.
+const READ_KEY: &str = "SELECT CASE \
+     WHEN status OPERATOR(pg_catalog.=) 'p'::pg_catalog.\"char\" THEN 'in_progress' \
+     WHEN status OPERATOR(pg_catalog.=) 'c'::pg_catalog.\"char\" THEN 'completed' \
+     WHEN status OPERATOR(pg_catalog.=) 'f'::pg_catalog.\"char\" THEN 'failed' \
+     WHEN status OPERATOR(pg_catalog.=) 'r'::pg_catalog.\"char\" THEN 'released' END, \
+     result, attempt, recovery_point, pg_catalog.encode(fingerprint, 'hex'), \
+     created_at, finished_at, expires_at, locked_until, owner \
+     FROM idempotency.keys \
+     WHERE scope OPERATOR(pg_catalog.=) ($1 COLLATE pg_catalog.\"C\") \
+     AND key OPERATOR(pg_catalog.=) ($2 COLLATE pg_catalog.\"C\") \
+     AND (expires_at IS NULL OR expires_at OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp())";
+
+/// The columns of `idem_get`'s result, which `READ_KEY` returns first.
+pub const READ_KEY_COLUMNS: usize = 9;
+
 #[derive(Clone, Copy)]
 enum Stmt {
     UpdateClaim = 0,
@@ -64,6 +82,7 @@ enum Stmt {
     NextToken = 3,
     InsertKeys = 4,
     InsertOnce = 5,
+    ReadKey = 6,
 }
 
 /// `INSERT INTO idempotency.<table> (every column) VALUES ($1, ...)`, for
@@ -102,10 +121,11 @@ fn sql_of(stmt: Stmt) -> (String, Vec<pg_sys::Oid>) {
         Stmt::NextToken => (NEXT_TOKEN.to_string(), Vec::new()),
         Stmt::InsertKeys => insert_sql(Which::Keys),
         Stmt::InsertOnce => insert_sql(Which::Once),
+        Stmt::ReadKey => (READ_KEY.to_string(), vec![TEXT, TEXT]),
     }
 }
 
-const COUNT: usize = 6;
+const COUNT: usize = 7;
 
 thread_local! {
     static PLANS: RefCell<[Option<pg_sys::SPIPlanPtr>; COUNT]> = const { RefCell::new([None; COUNT]) };
@@ -258,8 +278,8 @@ pub struct Claim<'a> {
     pub locked_until: Option<pg_sys::TimestampTz>,
     pub token: Option<i64>,
     pub lease: Option<&'a pg_sys::Interval>,
-    /// The role that takes a lease (None in transaction mode).
-    pub holder: Option<pg_sys::Oid>,
+    /// The role the key belongs to.
+    pub owner: pg_sys::Oid,
 }
 
 impl Claim<'_> {
@@ -271,7 +291,7 @@ impl Claim<'_> {
             status: super::IN_PROGRESS,
             attempt: self.attempt,
             token: self.token,
-            holder: self.holder,
+            owner: Some(self.owner),
             fingerprint: self.fingerprint,
             result: None,
             recovery_point: self.recovery_point,
@@ -299,7 +319,7 @@ impl Claim<'_> {
             int8(self.token),
             self.lease
                 .map(|iv| pg_sys::Datum::from(iv as *const pg_sys::Interval)),
-            self.holder.map(pg_sys::Datum::from),
+            Some(pg_sys::Datum::from(self.owner)),
         ]
     }
 }
@@ -359,4 +379,47 @@ pub fn next_token() -> i64 {
         (1, First::Int8(t)) => t,
         _ => pgrx::error!("idempotency.tokens returned no value"),
     }
+}
+
+/// Reads a key's committed state (and this transaction's own changes) as
+/// the table's owner, and hands `emit` its `READ_KEY_COLUMNS` values and
+/// nulls, with the key's owner, while they are valid. Nothing is emitted for
+/// a key that is unknown or expired.
+pub fn read_key(
+    scope: &str,
+    key: &str,
+    emit: impl FnOnce(&mut [pg_sys::Datum], &mut [bool], Option<pg_sys::Oid>),
+) {
+    let owner = super::catalog().owner;
+    relation::as_role(owner, || {
+        let _spi = Spi::connect();
+        let plan = plan(Stmt::ReadKey);
+        let mut params = [text(scope).expect("text"), text(key).expect("text")];
+        let nulls = [b' ' as std::ffi::c_char; 2];
+        // SAFETY: the plan takes two text parameters, passed with their
+        // nulls. The row is read before SPI_finish (when _spi drops) frees
+        // it, and emit gets values that live that long.
+        unsafe {
+            let rc = pg_sys::SPI_execute_plan(plan, params.as_mut_ptr(), nulls.as_ptr(), false, 1);
+            if rc < 0 {
+                pgrx::error!("idempotency statement failed: SPI code {rc}");
+            }
+            let table = pg_sys::SPI_tuptable;
+            if pg_sys::SPI_processed == 0 || table.is_null() {
+                return;
+            }
+            let mut values = [pg_sys::Datum::from(0usize); READ_KEY_COLUMNS + 1];
+            let mut nulls = [true; READ_KEY_COLUMNS + 1];
+            for (i, (v, n)) in values.iter_mut().zip(nulls.iter_mut()).enumerate() {
+                *v = pg_sys::SPI_getbinval(*(*table).vals, (*table).tupdesc, i as i32 + 1, n);
+            }
+            let role = (!nulls[READ_KEY_COLUMNS])
+                .then(|| pg_sys::Oid::from(values[READ_KEY_COLUMNS].value() as u32));
+            emit(
+                &mut values[..READ_KEY_COLUMNS],
+                &mut nulls[..READ_KEY_COLUMNS],
+                role,
+            );
+        }
+    })
 }

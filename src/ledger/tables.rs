@@ -44,7 +44,7 @@ pub const KEYS_COLUMNS: [Column; 14] = [
     col(c"locked_until", pg_sys::TIMESTAMPTZOID, false),
     col(c"lease", pg_sys::INTERVALOID, false),
     col(c"token", pg_sys::INT8OID, false),
-    col(c"holder", pg_sys::OIDOID, false),
+    col(c"owner", pg_sys::OIDOID, false),
     col(c"attempt", pg_sys::INT4OID, true),
     col(c"status", pg_sys::CHAROID, true),
     col(c"scope", pg_sys::TEXTOID, true),
@@ -59,7 +59,7 @@ pub const K_EXPIRES_AT: usize = 2;
 pub const K_LOCKED_UNTIL: usize = 3;
 pub const K_LEASE: usize = 4;
 pub const K_TOKEN: usize = 5;
-pub const K_HOLDER: usize = 6;
+pub const K_OWNER: usize = 6;
 pub const K_ATTEMPT: usize = 7;
 pub const K_STATUS: usize = 8;
 pub const K_SCOPE: usize = 9;

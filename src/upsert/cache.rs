@@ -62,7 +62,7 @@ pub fn tick() -> u64 {
 }
 
 fn limit() -> usize {
-    crate::pg::settings::UPSERT_CACHE_SIZE.get().max(1) as usize
+    crate::pg::settings::upsert_cache_size().max(1) as usize
 }
 
 /// A description kept one more statement: forget the least recently used

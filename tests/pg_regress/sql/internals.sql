@@ -30,6 +30,7 @@ ROLLBACK;
 -- The functions call the library of their own version, so that SQL of one
 -- release never runs against the library of another.
 SELECT DISTINCT probin FROM pg_proc WHERE probin LIKE '%idempotency%';
+SELECT DISTINCT probin AS library FROM pg_proc WHERE probin LIKE '%idempotency%' \gset
 
 -- idem_get reads the clock to hide expired keys: it is volatile.
 SELECT proname, provolatile FROM pg_proc WHERE proname IN ('idem_get', 'idem_begin') ORDER BY 1;
@@ -58,16 +59,16 @@ ROLLBACK;
 -- A declaration that does not match what the library reads is refused on
 -- the first call, instead of reading a datum as the wrong type.
 CREATE FUNCTION wrong_begin(key int) RETURNS idem_begin_result
-    LANGUAGE c AS '$libdir/idempotency-0.1.0', 'idem_begin';
+    LANGUAGE c AS :'library', 'idem_begin';
 SELECT wrong_begin(1);
 \echo :LAST_ERROR_SQLSTATE
 CREATE TYPE wrong_result AS (status int);
 CREATE FUNCTION wrong_begin(key text, request jsonb, scope text, lease interval, wait interval)
-    RETURNS wrong_result LANGUAGE c AS '$libdir/idempotency-0.1.0', 'idem_begin';
+    RETURNS wrong_result LANGUAGE c AS :'library', 'idem_begin';
 SELECT wrong_begin('k', NULL, '', NULL, '0');
 \echo :LAST_ERROR_SQLSTATE
 CREATE FUNCTION wrong_once(key text, scope text) RETURNS text
-    LANGUAGE c AS '$libdir/idempotency-0.1.0', 'idem_once';
+    LANGUAGE c AS :'library', 'idem_once';
 SELECT wrong_once('k', '');
 \echo :LAST_ERROR_SQLSTATE
 DROP FUNCTION wrong_begin(int), wrong_begin(text, jsonb, text, interval, interval), wrong_once(text, text);

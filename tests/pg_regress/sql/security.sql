@@ -87,15 +87,163 @@ SELECT idem_finish('app:guarded', '"forged"', token => :app_token);
 SELECT idem_fail('app:guarded', '"forged"', token => :app_token);
 \echo :LAST_ERROR_SQLSTATE
 RESET ROLE;
-SELECT key, status, holder::regrole, recovery_point, result FROM idempotency.keys WHERE key = 'app:guarded';
--- A member of the holder's role may act for it.
+SELECT key, status, owner::regrole, recovery_point, result FROM idempotency.keys WHERE key = 'app:guarded';
+-- A member of the owner's role may act for it.
 SET ROLE idem_member;
 SELECT idem_checkpoint('app:guarded', 'half-way', token => :app_token);
 SET ROLE idem_app;
 SELECT idem_finish('app:guarded', '"sent"', token => :app_token);
 RESET ROLE;
-SELECT key, status, holder::regrole, recovery_point, result FROM idempotency.keys WHERE key = 'app:guarded';
+SELECT key, status, owner::regrole, recovery_point, result FROM idempotency.keys WHERE key = 'app:guarded';
 DELETE FROM idempotency.keys WHERE key = 'app:guarded';
+
+-- Keys belong to the role that claimed them. Another role gets no answer
+-- about one, whatever its state: not its result (completed, failed), not
+-- whether its request matches (mismatch), not a retry of it (released), not
+-- its lease (in progress); idem_get shows it no row.
+SET ROLE idem_app;
+BEGIN;
+SELECT status FROM idem_begin('app:charge', '{"card": "4242", "amount": 10}');
+SELECT idem_finish('app:charge', '{"charge": "ch_1"}');
+SELECT status FROM idem_begin('app:declined');
+SELECT idem_fail('app:declined', '{"code": "declined"}', retryable => false);
+SELECT status FROM idem_begin('app:flaky');
+SELECT idem_fail('app:flaky', retryable => true);
+COMMIT;
+SELECT status FROM idem_begin('app:leased', lease => '1 hour');
+SET ROLE idem_other;
+SELECT status, result FROM idem_begin('app:charge', '{"card": "4242", "amount": 10}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT status FROM idem_begin('app:charge', '{"card": "4242", "amount": 99}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT status FROM idem_begin('app:declined');
+\echo :LAST_ERROR_SQLSTATE
+SELECT status FROM idem_begin('app:flaky');
+\echo :LAST_ERROR_SQLSTATE
+SELECT status FROM idem_begin('app:leased', wait => '10 s');
+\echo :LAST_ERROR_SQLSTATE
+SELECT count(*) AS rows_seen FROM generate_series(1, 1) g,
+       LATERAL (SELECT * FROM idem_get('app:charge') UNION ALL SELECT * FROM idem_get('app:declined')
+                UNION ALL SELECT * FROM idem_get('app:flaky') UNION ALL SELECT * FROM idem_get('app:leased')) k;
+-- A key of its own, in the same scope, is answered as usual.
+BEGIN;
+SELECT status FROM idem_begin('other:1');
+SELECT idem_finish('other:1', '1');
+COMMIT;
+SELECT status, result FROM idem_get('other:1');
+-- The owner, a member of the owner's role and a superuser see the key.
+SET ROLE idem_app;
+SELECT status, result, fingerprint IS NOT NULL AS has_fingerprint FROM idem_get('app:charge');
+SELECT status FROM idem_begin('app:charge', '{"card": "4242", "amount": 99}');
+SET ROLE idem_member;
+SELECT status, result FROM idem_begin('app:charge', '{"card": "4242", "amount": 10}');
+SELECT status FROM idem_get('app:declined');
+RESET ROLE;
+SELECT status FROM idem_get('app:flaky');
+-- A retry by a member keeps the key its owner's.
+SET ROLE idem_member;
+BEGIN;
+SELECT status, attempt FROM idem_begin('app:flaky');
+SELECT idem_finish('app:flaky', '"second try"');
+COMMIT;
+RESET ROLE;
+SELECT key, owner::regrole FROM idempotency.keys WHERE key IN ('app:flaky', 'other:1') ORDER BY key;
+
+-- In transaction mode the transaction holds the key, under the role that
+-- claimed it: after SET ROLE to a role without its privileges, the same
+-- transaction may not begin or finish it again.
+SET ROLE idem_app;
+BEGIN;
+SELECT status FROM idem_begin('app:switch');
+SET LOCAL ROLE idem_other;
+SAVEPOINT s;
+SELECT status FROM idem_begin('app:switch');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK TO s;
+SELECT idem_finish('app:switch', '"forged"');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK;
+
+-- An expired key is unknown: any role may claim it afresh, and it becomes
+-- that role's.
+RESET ROLE;
+UPDATE idempotency.keys SET expires_at = now() - interval '1 s' WHERE key = 'app:declined';
+SET ROLE idem_other;
+BEGIN;
+SELECT status, attempt FROM idem_begin('app:declined');
+SELECT idem_finish('app:declined', '"mine now"');
+COMMIT;
+SELECT status, result FROM idem_get('app:declined');
+SET ROLE idem_app;
+SELECT count(*) AS app_sees FROM idem_get('app:declined');
+SELECT status FROM idem_begin('app:declined');
+\echo :LAST_ERROR_SQLSTATE
+
+-- A key without an owner (claimed in transaction mode before 0.2.0) is open
+-- to every role, as it was; the first retry of it makes it the claimer's.
+RESET ROLE;
+UPDATE idempotency.keys SET owner = NULL WHERE key IN ('other:1', 'app:leased');
+UPDATE idempotency.keys SET status = 'r' WHERE key = 'app:leased';
+SET ROLE idem_app;
+SELECT status, result FROM idem_begin('other:1');
+BEGIN;
+SELECT status, attempt FROM idem_begin('app:leased');
+SELECT idem_finish('app:leased');
+COMMIT;
+RESET ROLE;
+SELECT key, owner::regrole FROM idempotency.keys WHERE key IN ('app:leased', 'other:1') ORDER BY key;
+
+-- idem_purge deletes every role's expired keys: PUBLIC may not run it
+-- until the installer grants it.
+SET ROLE idem_app;
+SELECT idem_purge();
+\echo :LAST_ERROR_SQLSTATE
+RESET ROLE;
+GRANT EXECUTE ON FUNCTION idem_purge TO idem_app;
+SET ROLE idem_app;
+SELECT idem_purge() >= 0 AS purged;
+RESET ROLE;
+REVOKE EXECUTE ON FUNCTION idem_purge FROM idem_app;
+DELETE FROM idempotency.keys WHERE key LIKE 'app:%' OR key LIKE 'other:%';
+
+-- Tenants kept apart by roles, with row-level security on their own table:
+-- each tenant's job claims its key and writes its order in one transaction.
+-- A tenant cannot replay, claim or see the other's key even with the same
+-- scope and key, and sees only its own orders; a support role that is a
+-- member of both tenants' roles sees the key.
+CREATE TABLE tenant_orders (tenant name NOT NULL DEFAULT current_user, id text, amount int,
+                            PRIMARY KEY (tenant, id));
+ALTER TABLE tenant_orders ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_rows ON tenant_orders USING (tenant = current_user) WITH CHECK (tenant = current_user);
+CREATE ROLE idem_tenant_a;
+CREATE ROLE idem_tenant_b;
+CREATE ROLE idem_support IN ROLE idem_tenant_a, idem_tenant_b;
+GRANT SELECT, INSERT, UPDATE ON tenant_orders TO idem_tenant_a, idem_tenant_b;
+SET ROLE idem_tenant_a;
+BEGIN;
+SELECT status FROM idem_begin('order:1', '{"amount": 10}', scope => 'orders');
+INSERT INTO tenant_orders (id, amount) VALUES ('1', 10);
+SELECT idem_finish('order:1', '{"order": "1"}', scope => 'orders');
+COMMIT;
+SET ROLE idem_tenant_b;
+BEGIN;
+SELECT status FROM idem_begin('order:1', '{"amount": 10}', scope => 'orders');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK;
+SELECT idem_upsert('tenant_orders', '{"tenant": "idem_tenant_b", "id": "1", "amount": 20}');
+SELECT count(*) AS b_sees_keys FROM idem_get('order:1', 'orders');
+SELECT tenant, id, amount FROM tenant_orders;
+SET ROLE idem_tenant_a;
+SELECT status, result FROM idem_begin('order:1', '{"amount": 10}', scope => 'orders');
+SELECT tenant, id, amount FROM tenant_orders;
+SET ROLE idem_support;
+SELECT status, result FROM idem_get('order:1', 'orders');
+RESET ROLE;
+DROP TABLE tenant_orders;
+DELETE FROM idempotency.keys WHERE scope = 'orders';
+DROP ROLE idem_support;
+DROP ROLE idem_tenant_a;
+DROP ROLE idem_tenant_b;
 DROP ROLE idem_member;
 DROP ROLE idem_other;
 DROP ROLE idem_app;
