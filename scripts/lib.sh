@@ -85,6 +85,35 @@ install_extension() {
     (cd "$ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null)
 }
 
+# previous_release: the version this one upgrades from, named by the newest
+# update script sql/idempotency--PREVIOUS--CURRENT.sql.
+previous_release() {
+    local current
+    current=$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml" | head -1)
+    (cd "$ROOT/sql" && ls idempotency--*--"$current".sql 2>/dev/null) |
+        sed -n 's/^idempotency--\(.*\)--.*\.sql$/\1/p' | sort -V | tail -1
+}
+
+# install_release VERSION: builds the release tagged vVERSION from this
+# repository's history (fetching the tag from origin when a clone lacks it)
+# and installs it beside the current version: its library has a file name of
+# its own, and its install script is idempotency--VERSION.sql. The control
+# file then names VERSION as the default version, so install_extension must
+# run after it.
+install_release() {
+    local version=$1 tag=v$1
+    local src=$ROOT/target/releases/$version
+    say "building and installing release $version (tag $tag)"
+    if ! git -C "$ROOT" rev-parse -q --verify "$tag^{commit}" >/dev/null; then
+        git -C "$ROOT" fetch -q origin "refs/tags/$tag:refs/tags/$tag"
+    fi
+    rm -rf "$src"
+    mkdir -p "$src"
+    git -C "$ROOT" archive "$tag" | tar -x -C "$src"
+    (cd "$src" && CARGO_TARGET_DIR=$ROOT/target/releases/target \
+        cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null)
+}
+
 # start_cluster DIR PORT [bench]: a throwaway cluster owned by the postgres
 # user, listening only on a socket in DIR. Test clusters skip fsync; the
 # bench profile keeps it and sizes memory and WAL like a small server, with
