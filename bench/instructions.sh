@@ -43,13 +43,14 @@ PGOPTIONS="-c client_min_messages=warning" runuser -u postgres -- psql -q -X -v 
 CREATE TABLE t (id int PRIMARY KEY, v int, w text);
 INSERT INTO t SELECT g, 0, 'x' FROM generate_series(0, 99) g;
 -- Completed keys to replay: without a request, and with the 2 kB body in
--- both stores, each with its own kind of fingerprint.
-INSERT INTO idempotency.keys (scope, key, status, attempt, created_at, finished_at, expires_at, result, fingerprint)
-SELECT '', 'r' || i, 'c', 1, now(), now(), now() + interval '1 year', '{"n": 1}'::jsonb, NULL::bytea
+-- both stores, each with its own kind of fingerprint. Owned by the role
+-- that replays them, as idem_begin records it.
+INSERT INTO idempotency.keys (scope, key, status, attempt, created_at, finished_at, expires_at, result, fingerprint, owner)
+SELECT '', 'r' || i, 'c', 1, now(), now(), now() + interval '1 year', '{"n": 1}'::jsonb, NULL::bytea, current_user
   FROM generate_series(1, 1000) i
 UNION ALL
 SELECT '', 'rb' || i, 'c', 1, now(), now(), now() + interval '1 year', '{"n": 1}',
-       decode(idem_fingerprint(b.body::jsonb), 'hex')
+       decode(idem_fingerprint(b.body::jsonb), 'hex'), current_user
   FROM generate_series(1, 1000) i, bench_bodies b WHERE b.id = 1;
 -- The primary-key SELECT's table as large as idempotency.keys, so both
 -- indexes have the same depth.

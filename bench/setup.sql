@@ -86,7 +86,9 @@ INSERT INTO bench_accounts SELECT i, 'n' || i, i FROM generate_series(1, 100000)
 INSERT INTO hw_keys (key, status, result, finished_at)
 SELECT 'base:' || i, 'completed', '{"charge_id": 1}', now() FROM generate_series(1, 100000) i;
 DELETE FROM idempotency.keys WHERE key LIKE 'base:%';
-INSERT INTO idempotency.keys (scope, key, status, attempt, created_at, finished_at, expires_at, result)
-SELECT '', 'base:' || i, 'c', 1, now(), now(), now() + interval '1 year', '{"charge_id": 1}'
+-- Owned by the role that runs the benchmark, as idem_begin would record
+-- them, so that replays pay the owner check.
+INSERT INTO idempotency.keys (scope, key, status, attempt, created_at, finished_at, expires_at, result, owner)
+SELECT '', 'base:' || i, 'c', 1, now(), now(), now() + interval '1 year', '{"charge_id": 1}', current_user
   FROM generate_series(1, 100000) i;
 VACUUM ANALYZE hw_keys, idempotency.keys, bench_accounts;

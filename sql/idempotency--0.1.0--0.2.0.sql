@@ -2,10 +2,13 @@
 -- Run by ALTER EXTENSION idempotency UPDATE, with search_path set to the
 -- extension's schema; every name outside it is qualified.
 
--- The role of a lease becomes the owner of every key. Keys claimed in
--- transaction mode under 0.1.0 have no owner: they stay open to every role
--- until they expire, as before.
-ALTER TABLE idempotency.keys RENAME COLUMN holder TO owner;
+-- The role of a lease becomes the owner of every key, by name, in a column
+-- of its own at the end (see schema.sql); only leased rows are updated, and
+-- the table is not rewritten. Keys claimed in transaction mode under 0.1.0
+-- have no owner: they stay open to every role until they expire, as before.
+ALTER TABLE idempotency.keys ADD COLUMN owner pg_catalog.text;
+UPDATE idempotency.keys SET owner = pg_catalog.pg_get_userbyid(holder) WHERE holder IS NOT NULL;
+ALTER TABLE idempotency.keys DROP COLUMN holder;
 
 -- idem_get judges the caller's role, which a SECURITY DEFINER function
 -- cannot see: it is now C, and hides keys of other roles.

@@ -24,10 +24,11 @@ REVOKE ALL ON SCHEMA idempotency FROM PUBLIC;
 -- scope and key use the "C" collation: byte order is all the index needs, and
 -- it is much cheaper than a linguistic collation. fillfactor leaves room on
 -- each page so that idem_finish's update of a fresh claim stays a HOT update.
--- expires_at is deliberately not indexed, for the same reason. owner is
--- the OID of the role that claimed the key, which alone (with the roles
--- that have its privileges) may act on it or see it; an oid rather than a
--- regrole, so that a dump restores into a cluster without that role.
+-- expires_at is deliberately not indexed, for the same reason. owner,
+-- last so that the columns before it keep fixed offsets, is the name of the role that claimed the key, which alone (with the roles
+-- that have its privileges) may act on it or see it: a name, so that a dump
+-- restored into another cluster, where roles have other OIDs, keeps keys
+-- their roles' (a regrole would refuse a row whose role is missing).
 CREATE TABLE idempotency.keys (
     created_at     timestamptz NOT NULL,
     finished_at    timestamptz,
@@ -35,7 +36,6 @@ CREATE TABLE idempotency.keys (
     locked_until   timestamptz,
     lease          interval,
     token          bigint,
-    owner          oid,
     attempt        integer NOT NULL,
     status         "char" NOT NULL CHECK (status IN ('p', 'c', 'f', 'r')),
     scope          text COLLATE "C" NOT NULL,
@@ -43,6 +43,7 @@ CREATE TABLE idempotency.keys (
     fingerprint    bytea,
     recovery_point text,
     result         jsonb,
+    owner          text,
     PRIMARY KEY (scope, key)
 ) WITH (fillfactor = 80);
 COMMENT ON TABLE idempotency.keys IS 'One row per idempotency key; see idem_get() for a readable view of a key';

@@ -32,6 +32,7 @@ pub extern "C-unwind" fn _PG_init() {
     pg::settings::init();
     pg::inval::init();
     keys::held::init();
+    keys::owner::init();
     ledger::tables::init();
     upsert::init();
 }

@@ -184,7 +184,7 @@ fn begin(
     // A key this transaction already holds: the same attempt again.
     if let Some(h) = held::get(scope, key).filter(|h| !h.finished) {
         // Under the role that claimed it (see outcome.rs: after SET ROLE).
-        owner::check(Some(h.owner), key, scope);
+        owner::check_holder(h.owner, key, scope);
         if differs(h.fingerprint.as_ref(), fingerprint.as_ref()) {
             return Answer::Mismatch;
         }
@@ -308,7 +308,7 @@ fn begin(
                     Some(transaction_start()),
                     lease,
                     now,
-                    owner::current_role(),
+                    owner::role_name(owner::current_role()),
                 );
                 let tid = insert::insert_key_row(&claim.row(scope, key));
                 lock.release();
@@ -336,9 +336,9 @@ fn begin(
                 let leased = row.status == IN_PROGRESS
                     && !row.own
                     && row.locked_until.is_some_and(|l| l > now);
-                if let Some(role) = owner::denied(row.owner).filter(|_| !expired && !row.own) {
+                if !expired && !row.own && !owner::may_act_on(row.owner.as_deref()) {
                     lock.release();
-                    owner::refuse(key, scope, role);
+                    owner::refuse(key, scope, row.owner.as_deref().unwrap_or_default());
                 }
                 if !expired && differs(row.fingerprint.as_ref(), fingerprint.as_ref()) {
                     lock.release();
@@ -354,7 +354,7 @@ fn begin(
                             Some(transaction_start()),
                             lease,
                             now,
-                            owner::current_role(),
+                            owner::role_name(owner::current_role()),
                         )
                     }
                     IN_PROGRESS if row.own => {
@@ -388,7 +388,9 @@ fn begin(
                         None,
                         lease,
                         now,
-                        row.owner.unwrap_or_else(owner::current_role),
+                        row.owner
+                            .clone()
+                            .unwrap_or_else(|| owner::role_name(owner::current_role())),
                     ),
                     // Finished while this caller waited for the lock.
                     COMPLETED | FAILED => {
@@ -464,7 +466,7 @@ fn new_claim<'a>(
     created_at: Option<pg_sys::TimestampTz>,
     lease: Option<&'a pg_sys::Interval>,
     now: pg_sys::TimestampTz,
-    owner: pg_sys::Oid,
+    owner: String,
 ) -> Claim<'a> {
     let (locked_until, token) = match lease {
         Some(iv) => (
@@ -503,7 +505,7 @@ fn started(
                 fingerprint: claim.fingerprint.copied().or(fingerprint),
                 recovery_point: recovery_point.clone(),
                 finished: false,
-                owner: claim.owner,
+                owner: owner::current_role(),
                 tid,
             },
         );
@@ -521,7 +523,7 @@ fn started(
 /// rows are its own.
 fn refuse_unless_owner(row: &Row, now: pg_sys::TimestampTz, key: &str, scope: &str) {
     if !row.own && !row.expired(now) {
-        owner::check(row.owner, key, scope);
+        owner::check(row.owner.as_deref(), key, scope);
     }
 }
 

@@ -27,7 +27,8 @@ pub struct Held {
     pub fingerprint: Option<[u8; 32]>,
     pub recovery_point: Option<String>,
     pub finished: bool,
-    /// The role the key belongs to.
+    /// The role that claimed the key in this transaction (which must
+    /// still have its privileges to act on it after a SET ROLE).
     pub owner: pg_sys::Oid,
     /// The claim row's current version, which this transaction wrote; None
     /// while the claim is the key lock alone (a new key: nothing written).

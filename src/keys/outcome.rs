@@ -53,7 +53,7 @@ fn holder(key: &str, scope: &str, token: Option<i64>) -> (Holder, Option<Tid>, O
             Some(h) if !h.finished => {
                 // The transaction holds it, under the role that claimed it
                 // (or one with its privileges, after a SET ROLE).
-                owner::check(Some(h.owner), key, scope);
+                owner::check_holder(h.owner, key, scope);
                 let tid = h.tid;
                 (Holder::Transaction(h), tid, None)
             }
@@ -63,9 +63,9 @@ fn holder(key: &str, scope: &str, token: Option<i64>) -> (Holder, Option<Tid>, O
             let lock = KeyLock::acquire(Space::Keys, scope, key);
             match probe(scope, key) {
                 Seen::Found(row) if row.status == IN_PROGRESS && row.token == Some(token) => {
-                    if let Some(role) = owner::denied(row.owner) {
+                    if !owner::may_act_on(row.owner.as_deref()) {
                         lock.release();
-                        owner::refuse(key, scope, role);
+                        owner::refuse(key, scope, row.owner.as_deref().unwrap_or_default());
                     }
                     (Holder::Lease, Some(row.tid), Some(lock))
                 }
@@ -118,6 +118,10 @@ fn record_outcome(
     check_writable(function);
     let (now, expires) = ttl_expiry(key, scope, ttl);
     let (who, at, lock) = holder(key, scope, token);
+    let claimed_by = match &who {
+        Holder::Transaction(h) if at.is_none() => Some(owner::role_name(h.owner)),
+        _ => None,
+    };
     let tid = match (&who, at) {
         // A new key claimed by its lock: its one row is written now.
         (Holder::Transaction(h), None) => direct::insert_key_row(&KeyRow {
@@ -126,7 +130,7 @@ fn record_outcome(
             status,
             attempt: h.attempt,
             token: None,
-            owner: Some(h.owner),
+            owner: claimed_by.as_deref(),
             fingerprint: h.fingerprint.as_ref(),
             result,
             recovery_point: h.recovery_point.as_deref(),

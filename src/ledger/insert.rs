@@ -150,8 +150,8 @@ pub struct KeyRow<'a> {
     pub status: u8,
     pub attempt: i32,
     pub token: Option<i64>,
-    /// The role holding a lease.
-    pub owner: Option<pg_sys::Oid>,
+    /// The name of the role the key belongs to.
+    pub owner: Option<&'a str>,
     pub fingerprint: Option<&'a [u8; 32]>,
     pub result: Option<pg_sys::Datum>,
     pub recovery_point: Option<&'a str>,
@@ -169,7 +169,7 @@ pub fn insert_key_row(row: &KeyRow) -> Tid {
     values[K_STATUS] = Some(pg_sys::Datum::from(row.status as i8));
     values[K_ATTEMPT] = Some(pg_sys::Datum::from(row.attempt));
     values[K_TOKEN] = row.token.map(pg_sys::Datum::from);
-    values[K_OWNER] = row.owner.map(pg_sys::Datum::from);
+    values[K_OWNER] = row.owner.and_then(|o| o.into_datum());
     values[K_FINGERPRINT] = row.fingerprint.and_then(|f| (&f[..]).into_datum());
     values[K_RESULT] = row.result;
     values[K_RECOVERY_POINT] = row.recovery_point.and_then(|r| r.into_datum());

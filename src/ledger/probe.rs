@@ -18,7 +18,7 @@ pub struct Row {
     pub token: Option<i64>,
     /// The role that claimed the key (NULL for keys claimed in transaction
     /// mode before 0.2.0, which belong to no role).
-    pub owner: Option<pg_sys::Oid>,
+    pub owner: Option<String>,
     pub fingerprint: Option<[u8; 32]>,
     /// The stored result, copied out of the buffer (a jsonb datum).
     pub result: Option<pg_sys::Datum>,
@@ -269,7 +269,7 @@ unsafe fn read_row(
             status: get(K_STATUS).map(|d| d.value() as u8).unwrap_or(0),
             attempt: get(K_ATTEMPT).map(|d| d.value() as i32).unwrap_or(0),
             token: get(K_TOKEN).map(|d| d.value() as i64),
-            owner: get(K_OWNER).map(|d| pg_sys::Oid::from(d.value() as u32)),
+            owner: get(K_OWNER).map(|d| text_of(d)),
             fingerprint,
             result: get(K_RESULT)
                 .filter(|_| with_result)
@@ -280,5 +280,32 @@ unsafe fn read_row(
             own,
             tid: (*slot).tts_tid,
         }
+    }
+}
+
+/// A short text column's value (a role's name), read in place when it is
+/// stored inline and uncompressed, as a short value always is; detoasted
+/// otherwise.
+///
+/// # Safety
+/// `d` is a text datum of a row the caller's slot holds.
+unsafe fn text_of(d: pg_sys::Datum) -> String {
+    let p = d.cast_mut_ptr::<pg_sys::varlena>();
+    // SAFETY: a 1-byte-header or 4-byte uncompressed varlena holds its bytes
+    // right after the header (VARDATA_ANY, VARSIZE_ANY_EXHDR); anything
+    // else (compressed, external) goes through pg_detoast_datum_packed.
+    unsafe {
+        let inline = (pgrx::varlena::varatt_is_1b(p) && !pgrx::varlena::varatt_is_1b_e(p))
+            || pgrx::varlena::varatt_is_4b_u(p);
+        let p = if inline {
+            p
+        } else {
+            pg_sys::pg_detoast_datum_packed(p)
+        };
+        let bytes = std::slice::from_raw_parts(
+            pgrx::varlena::vardata_any(p).cast::<u8>(),
+            pgrx::varlena::varsize_any_exhdr(p),
+        );
+        String::from_utf8_lossy(bytes).into_owned()
     }
 }

@@ -27,7 +27,6 @@ const JSONB: pg_sys::Oid = pg_sys::JSONBOID;
 const CHAR: pg_sys::Oid = pg_sys::CHAROID;
 const INTERVAL: pg_sys::Oid = pg_sys::INTERVALOID;
 const TID: pg_sys::Oid = pg_sys::TIDOID;
-const OID: pg_sys::Oid = pg_sys::OIDOID;
 
 /// The row a statement updates: its TID, then scope and key to be sure.
 const THIS_ROW: &str = "WHERE ctid OPERATOR(pg_catalog.=) $1 \
@@ -39,7 +38,7 @@ const UPDATE_CLAIM: &str = "UPDATE idempotency.keys SET status = 'p', attempt = 
      locked_until = $8, token = $9, lease = $10, owner = $11, result = NULL, finished_at = NULL, \
      expires_at = NULL";
 const CLAIM_TYPES: &[pg_sys::Oid] = &[
-    TID, TEXT, TEXT, INT4, BYTEA, TEXT, TSTZ, TSTZ, INT8, INTERVAL, OID,
+    TID, TEXT, TEXT, INT4, BYTEA, TEXT, TSTZ, TSTZ, INT8, INTERVAL, TEXT,
 ];
 
 /// The outcome: completed, failed, or released for a retry.
@@ -278,8 +277,8 @@ pub struct Claim<'a> {
     pub locked_until: Option<pg_sys::TimestampTz>,
     pub token: Option<i64>,
     pub lease: Option<&'a pg_sys::Interval>,
-    /// The role the key belongs to.
-    pub owner: pg_sys::Oid,
+    /// The name of the role the key belongs to.
+    pub owner: String,
 }
 
 impl Claim<'_> {
@@ -291,7 +290,7 @@ impl Claim<'_> {
             status: super::IN_PROGRESS,
             attempt: self.attempt,
             token: self.token,
-            owner: Some(self.owner),
+            owner: Some(&self.owner),
             fingerprint: self.fingerprint,
             result: None,
             recovery_point: self.recovery_point,
@@ -319,7 +318,7 @@ impl Claim<'_> {
             int8(self.token),
             self.lease
                 .map(|iv| pg_sys::Datum::from(iv as *const pg_sys::Interval)),
-            Some(pg_sys::Datum::from(self.owner)),
+            text(&self.owner),
         ]
     }
 }
@@ -388,7 +387,7 @@ pub fn next_token() -> i64 {
 pub fn read_key(
     scope: &str,
     key: &str,
-    emit: impl FnOnce(&mut [pg_sys::Datum], &mut [bool], Option<pg_sys::Oid>),
+    emit: impl FnOnce(&mut [pg_sys::Datum], &mut [bool], Option<&str>),
 ) {
     let owner = super::catalog().owner;
     relation::as_role(owner, || {
@@ -413,8 +412,12 @@ pub fn read_key(
             for (i, (v, n)) in values.iter_mut().zip(nulls.iter_mut()).enumerate() {
                 *v = pg_sys::SPI_getbinval(*(*table).vals, (*table).tupdesc, i as i32 + 1, n);
             }
-            let role = (!nulls[READ_KEY_COLUMNS])
-                .then(|| pg_sys::Oid::from(values[READ_KEY_COLUMNS].value() as u32));
+            let role = (!nulls[READ_KEY_COLUMNS]).then(|| {
+                pgrx::varlena::text_to_rust_str(pg_sys::pg_detoast_datum_packed(
+                    values[READ_KEY_COLUMNS].cast_mut_ptr(),
+                ))
+                .unwrap_or_default()
+            });
             emit(
                 &mut values[..READ_KEY_COLUMNS],
                 &mut nulls[..READ_KEY_COLUMNS],

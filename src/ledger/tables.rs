@@ -44,7 +44,6 @@ pub const KEYS_COLUMNS: [Column; 14] = [
     col(c"locked_until", pg_sys::TIMESTAMPTZOID, false),
     col(c"lease", pg_sys::INTERVALOID, false),
     col(c"token", pg_sys::INT8OID, false),
-    col(c"owner", pg_sys::OIDOID, false),
     col(c"attempt", pg_sys::INT4OID, true),
     col(c"status", pg_sys::CHAROID, true),
     col(c"scope", pg_sys::TEXTOID, true),
@@ -52,6 +51,7 @@ pub const KEYS_COLUMNS: [Column; 14] = [
     col(c"fingerprint", pg_sys::BYTEAOID, false),
     col(c"recovery_point", pg_sys::TEXTOID, false),
     col(c"result", pg_sys::JSONBOID, false),
+    col(c"owner", pg_sys::TEXTOID, false),
 ];
 pub const K_CREATED_AT: usize = 0;
 pub const K_FINISHED_AT: usize = 1;
@@ -59,14 +59,14 @@ pub const K_EXPIRES_AT: usize = 2;
 pub const K_LOCKED_UNTIL: usize = 3;
 pub const K_LEASE: usize = 4;
 pub const K_TOKEN: usize = 5;
-pub const K_OWNER: usize = 6;
-pub const K_ATTEMPT: usize = 7;
-pub const K_STATUS: usize = 8;
-pub const K_SCOPE: usize = 9;
-pub const K_KEY: usize = 10;
-pub const K_FINGERPRINT: usize = 11;
-pub const K_RECOVERY_POINT: usize = 12;
-pub const K_RESULT: usize = 13;
+pub const K_ATTEMPT: usize = 6;
+pub const K_STATUS: usize = 7;
+pub const K_SCOPE: usize = 8;
+pub const K_KEY: usize = 9;
+pub const K_FINGERPRINT: usize = 10;
+pub const K_RECOVERY_POINT: usize = 11;
+pub const K_RESULT: usize = 12;
+pub const K_OWNER: usize = 13;
 
 /// The columns of `idempotency.once`; `O_*` index this list.
 pub const ONCE_COLUMNS: [Column; 3] = [

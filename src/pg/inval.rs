@@ -1,19 +1,21 @@
-//! Cache invalidation: one relcache callback and one pg_namespace syscache
-//! callback for the whole extension (a backend has room for only ten
-//! relcache callbacks), passing each message on to the caches that
-//! registered here in `_PG_init`.
+//! Cache invalidation: one relcache callback and one pg_namespace and one
+//! pg_authid syscache callback for the whole extension (a backend has room
+//! for only ten relcache callbacks), passing each message on to the caches
+//! that registered here in `_PG_init`.
 use pgrx::pg_sys;
 use std::cell::RefCell;
 
 type OnRelation = fn(pg_sys::Oid);
 type OnNamespace = fn(u32);
+type OnRole = fn();
 
 thread_local! {
     static RELATION: RefCell<Vec<OnRelation>> = const { RefCell::new(Vec::new()) };
     static NAMESPACE: RefCell<Vec<OnNamespace>> = const { RefCell::new(Vec::new()) };
+    static ROLE: RefCell<Vec<OnRole>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Registers the two callbacks with PostgreSQL. Called once, from `_PG_init`.
+/// Registers the callbacks with PostgreSQL. Called once, from `_PG_init`.
 pub fn init() {
     // SAFETY: both callbacks are plain functions that live as long as the
     // library, and are registered once per backend.
@@ -24,7 +26,17 @@ pub fn init() {
             Some(on_namespace),
             pg_sys::Datum::from(0usize),
         );
+        pg_sys::CacheRegisterSyscacheCallback(
+            pg_sys::SysCacheIdentifier::AUTHOID as i32,
+            Some(on_authid),
+            pg_sys::Datum::from(0usize),
+        );
     }
+}
+
+/// `f()` for every change to a role (a rename, a drop).
+pub fn on_role_change(f: OnRole) {
+    ROLE.with(|r| r.borrow_mut().push(f));
 }
 
 /// `f(relid)` for every relcache invalidation; `relid` is InvalidOid when
@@ -73,5 +85,13 @@ unsafe extern "C-unwind" fn on_namespace(_arg: pg_sys::Datum, _cacheid: i32, has
         .unwrap_or_default();
     for f in callbacks {
         f(hash);
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_authid(_arg: pg_sys::Datum, _cacheid: i32, _hash: u32) {
+    let callbacks = ROLE.try_with(|r| r.borrow().clone()).unwrap_or_default();
+    for f in callbacks {
+        f();
     }
 }

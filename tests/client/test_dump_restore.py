@@ -88,18 +88,22 @@ def test_dump_and_restore_keep_every_key(tmp_path):
         admin.execute("DROP DATABASE idem_dump_dst")
 
 
-def test_restore_into_a_cluster_without_the_lease_holders_role(tmp_path):
-    """A key that was leased records its holder role by OID: the dump
-    restores where that role does not exist."""
+def test_restore_keeps_keys_their_roles_by_name(tmp_path):
+    """A key records the role that claimed it by name. The dump restores
+    where that role does not exist (the key is then a superuser's alone),
+    and a role created again under that name, with another OID as in
+    another cluster, has its key again; other roles do not."""
     with psycopg.connect(autocommit=True) as admin:
         for db in ("idem_dump_roles", "idem_dump_roles_dst"):
             admin.execute(f"DROP DATABASE IF EXISTS {db}")
         admin.execute("DROP ROLE IF EXISTS idem_gone")
+        admin.execute("DROP ROLE IF EXISTS idem_stranger")
         admin.execute("CREATE DATABASE idem_dump_roles")
         admin.execute("CREATE DATABASE idem_dump_roles_dst")
         admin.execute("CREATE ROLE idem_gone")
     with psycopg.connect(dbname="idem_dump_roles", autocommit=True) as src:
         src.execute("CREATE EXTENSION idempotency")
+        gone_oid = src.execute("SELECT 'idem_gone'::regrole::oid").fetchone()[0]
         src.execute("SET ROLE idem_gone")
         _, token = src.execute("SELECT status, token FROM idem_begin('leased', lease => '1 hour')").fetchone()
         src.execute("SELECT idem_finish('leased', '\"sent\"', token => %s)", (token,))
@@ -114,5 +118,19 @@ def test_restore_into_a_cluster_without_the_lease_holders_role(tmp_path):
     with psycopg.connect(dbname="idem_dump_roles_dst", autocommit=True) as dst:
         assert snapshot(dst) == before
         assert dst.execute("SELECT status, result FROM idem_begin('leased')").fetchone() == ("completed", "sent")
+        dst.execute("CREATE ROLE idem_gone")
+        dst.execute("CREATE ROLE idem_stranger")
+        assert dst.execute("SELECT 'idem_gone'::regrole::oid").fetchone()[0] != gone_oid
+        dst.execute("SET ROLE idem_gone")
+        assert dst.execute("SELECT status, result FROM idem_begin('leased')").fetchone() == ("completed", "sent")
+        dst.execute("SET ROLE idem_stranger")
+        try:
+            dst.execute("SELECT * FROM idem_begin('leased')")
+            raise AssertionError("another role replayed the key")
+        except psycopg.errors.InsufficientPrivilege:
+            pass
+        dst.execute("RESET ROLE")
     with psycopg.connect(autocommit=True) as admin:
         admin.execute("DROP DATABASE idem_dump_roles_dst")
+        admin.execute("DROP ROLE idem_gone")
+        admin.execute("DROP ROLE idem_stranger")

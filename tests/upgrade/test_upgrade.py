@@ -44,7 +44,8 @@ def sqlstate(conn, sql, params=None):
 
 def key_rows(dbname):
     """Every stored key, by (scope, key), with the columns both versions have
-    (the previous release's `holder` is this one's `owner`)."""
+    (the previous release's `holder`, a role's OID, is this one's `owner`,
+    the role's name)."""
     with connect(dbname) as conn:
         return rows_of(conn)
 
@@ -57,8 +58,9 @@ def rows_of(conn):
             "AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
         )
     ]
+    select = ["pg_get_userbyid(holder)" if c == "holder" else c for c in cols]
     rows = conn.execute(
-        f"SELECT {', '.join(cols)} FROM idempotency.keys ORDER BY scope, key"
+        f"SELECT {', '.join(select)} FROM idempotency.keys ORDER BY scope, key"
     ).fetchall()
     renamed = ["owner" if c == "holder" else c for c in cols]
     return {(r["scope"], r["key"]): r for r in (dict(zip(renamed, row)) for row in rows)}
@@ -140,7 +142,7 @@ def test_every_key_row_is_kept(upgrade):
     for k, row in before.items():
         assert after[k] == row, k
     # Leases were the previous release's only keys with a role: they keep it.
-    assert after[("", "leased")]["owner"] is not None
+    assert after[("", "leased")]["owner"] == "idem_up_app"
     assert after[("", "completed")]["owner"] is None
 
 
@@ -240,9 +242,11 @@ def describe(dbname):
                    coalesce(array_to_string(c.relacl, ','), ''), c.relowner::regrole::text
               FROM ({members}) m JOIN pg_class c ON m.classid = 'pg_class'::regclass AND c.oid = m.objid"""
     ).fetchall()
-    # Columns in storage order: the library reads them by position.
+    # Columns in storage order (a dropped column leaves a gap in attnum,
+    # not in the order).
     out += conn.execute(
-        f"""SELECT a.attrelid::regclass::text, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
+        f"""SELECT a.attrelid::regclass::text,
+                   row_number() OVER (PARTITION BY a.attrelid ORDER BY a.attnum), a.attname, format_type(a.atttypid, a.atttypmod),
                    a.attnotnull, coalesce(co.collname, ''), coalesce(pg_get_expr(ad.adbin, ad.adrelid), '')
               FROM ({members}) m
               JOIN pg_class c ON m.classid = 'pg_class'::regclass AND c.oid = m.objid

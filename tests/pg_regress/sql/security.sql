@@ -87,14 +87,14 @@ SELECT idem_finish('app:guarded', '"forged"', token => :app_token);
 SELECT idem_fail('app:guarded', '"forged"', token => :app_token);
 \echo :LAST_ERROR_SQLSTATE
 RESET ROLE;
-SELECT key, status, owner::regrole, recovery_point, result FROM idempotency.keys WHERE key = 'app:guarded';
+SELECT key, status, owner, recovery_point, result FROM idempotency.keys WHERE key = 'app:guarded';
 -- A member of the owner's role may act for it.
 SET ROLE idem_member;
 SELECT idem_checkpoint('app:guarded', 'half-way', token => :app_token);
 SET ROLE idem_app;
 SELECT idem_finish('app:guarded', '"sent"', token => :app_token);
 RESET ROLE;
-SELECT key, status, owner::regrole, recovery_point, result FROM idempotency.keys WHERE key = 'app:guarded';
+SELECT key, status, owner, recovery_point, result FROM idempotency.keys WHERE key = 'app:guarded';
 DELETE FROM idempotency.keys WHERE key = 'app:guarded';
 
 -- Keys belong to the role that claimed them. Another role gets no answer
@@ -147,7 +147,7 @@ SELECT status, attempt FROM idem_begin('app:flaky');
 SELECT idem_finish('app:flaky', '"second try"');
 COMMIT;
 RESET ROLE;
-SELECT key, owner::regrole FROM idempotency.keys WHERE key IN ('app:flaky', 'other:1') ORDER BY key;
+SELECT key, owner FROM idempotency.keys WHERE key IN ('app:flaky', 'other:1') ORDER BY key;
 
 -- In transaction mode the transaction holds the key, under the role that
 -- claimed it: after SET ROLE to a role without its privileges, the same
@@ -191,7 +191,46 @@ SELECT status, attempt FROM idem_begin('app:leased');
 SELECT idem_finish('app:leased');
 COMMIT;
 RESET ROLE;
-SELECT key, owner::regrole FROM idempotency.keys WHERE key IN ('app:leased', 'other:1') ORDER BY key;
+SELECT key, owner FROM idempotency.keys WHERE key IN ('app:leased', 'other:1') ORDER BY key;
+
+-- A key records its owner by name, as a dump restores ownership: when the
+-- role is dropped its keys are a superuser's alone; a role created again
+-- under that name (as when a dump is restored into another cluster, where
+-- roles get other OIDs) has them again.
+CREATE ROLE idem_gone;
+SET ROLE idem_gone;
+BEGIN;
+SELECT status FROM idem_begin('app:named');
+SELECT idem_finish('app:named', '"kept"');
+COMMIT;
+RESET ROLE;
+DROP ROLE idem_gone;
+SET ROLE idem_other;
+SELECT status FROM idem_begin('app:named');
+\echo :LAST_ERROR_SQLSTATE
+RESET ROLE;
+SELECT status, result FROM idem_get('app:named');
+CREATE ROLE idem_gone;
+SET ROLE idem_gone;
+SELECT status, result FROM idem_begin('app:named');
+RESET ROLE;
+DROP ROLE idem_gone;
+
+-- After a rename the role's keys stay with the old name, in this session
+-- too (the name it looked up is forgotten when a role changes).
+CREATE ROLE idem_renamed;
+SET ROLE idem_renamed;
+BEGIN;
+SELECT status FROM idem_begin('app:renamed');
+SELECT idem_finish('app:renamed', '"r"');
+COMMIT;
+RESET ROLE;
+ALTER ROLE idem_renamed RENAME TO idem_renamed2;
+SET ROLE idem_renamed2;
+SELECT status FROM idem_begin('app:renamed');
+\echo :LAST_ERROR_SQLSTATE
+RESET ROLE;
+DROP ROLE idem_renamed2;
 
 -- idem_purge deletes every role's expired keys: PUBLIC may not run it
 -- until the installer grants it.
