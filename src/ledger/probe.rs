@@ -6,7 +6,7 @@
 //!
 //! A completed key's replay is answered from this probe alone, with no SQL.
 use super::tables::*;
-use crate::pg::relation::{IndexScan, Rel, Slot};
+use crate::pg::relation::{begin_index_scan, Rel, Slot};
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
 
@@ -105,13 +105,7 @@ fn scan(
     // compare text with texteq under the index's own collations, on the
     // index's two key columns (checked above).
     unsafe {
-        let scan = IndexScan(pg_sys::index_beginscan(
-            heap.as_ptr(),
-            index.as_ptr(),
-            &mut snapshot,
-            2,
-            0,
-        ));
+        let scan = begin_index_scan(heap.as_ptr(), index.as_ptr(), &mut snapshot, 2);
         let mut keys: [pg_sys::ScanKeyData; 2] = [Default::default(), Default::default()];
         for (i, arg) in [scope_d, key_d].into_iter().enumerate() {
             pg_sys::ScanKeyEntryInitialize(

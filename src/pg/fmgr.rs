@@ -265,7 +265,7 @@ impl Args {
         let declared: Vec<pg_sys::Oid> = unsafe {
             (0..(*desc).natts as usize)
                 .map(|i| {
-                    let att = (*desc).attrs.as_ptr().add(i);
+                    let att = crate::pg::relation::attribute(desc, i);
                     if (*att).attisdropped {
                         pg_sys::InvalidOid
                     } else {

@@ -137,11 +137,7 @@ impl Rel {
         let desc = self.desc();
         // SAFETY: desc is the open relation's descriptor, whose attrs array
         // has natts entries and lives as long as the relation is open.
-        unsafe {
-            (0..self.natts())
-                .map(|i| &*(*desc).attrs.as_ptr().add(i))
-                .collect()
-        }
+        unsafe { (0..self.natts()).map(|i| &*attribute(desc, i)).collect() }
     }
 
     /// Attribute number of key column `k` of an index (0 for an
@@ -277,4 +273,47 @@ pub fn check_writable(function: &std::ffi::CStr) {
 pub fn attname(a: &pg_sys::FormData_pg_attribute) -> &std::ffi::CStr {
     // SAFETY: attname is a NUL-terminated NameData inside the attribute.
     unsafe { std::ffi::CStr::from_ptr(a.attname.data.as_ptr()) }
+}
+
+/// Attribute `i` (from 0) of a tuple descriptor, `TupleDescAttr` in C.
+///
+/// # Safety
+/// `desc` is a valid descriptor and `i < natts`.
+pub unsafe fn attribute(desc: pg_sys::TupleDesc, i: usize) -> *const pg_sys::FormData_pg_attribute {
+    // SAFETY: as the caller promises. Up to 17 the attributes are the
+    // descriptor's trailing array; from 18 they follow its natts compact
+    // attributes (TupleDescAttr is then an inline function that pgrx
+    // reaches only through a guarded shim).
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        let attrs = (*desc).attrs.as_ptr();
+        #[cfg(feature = "pg18")]
+        let attrs = (*desc)
+            .compact_attrs
+            .as_ptr()
+            .add((*desc).natts as usize)
+            .cast::<pg_sys::FormData_pg_attribute>();
+        attrs.add(i)
+    }
+}
+
+/// `index_beginscan` for `nkeys` scan keys and no ordering.
+///
+/// # Safety
+/// `heap` and `index` are open and locked; `snapshot` outlives the scan.
+pub unsafe fn begin_index_scan(
+    heap: pg_sys::Relation,
+    index: pg_sys::Relation,
+    snapshot: pg_sys::Snapshot,
+    nkeys: i32,
+) -> IndexScan {
+    // SAFETY: as the caller promises; PostgreSQL 18 added the
+    // instrumentation argument, which may be NULL.
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        let scan = pg_sys::index_beginscan(heap, index, snapshot, nkeys, 0);
+        #[cfg(feature = "pg18")]
+        let scan = pg_sys::index_beginscan(heap, index, snapshot, std::ptr::null_mut(), nkeys, 0);
+        IndexScan(scan)
+    }
 }

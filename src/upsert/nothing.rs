@@ -15,7 +15,7 @@
 //! row-level security. For a partitioned table, in the unique indexes of
 //! its leaf partitions, whose triggers count too.
 use super::table::{Column, Target, UniqueKey};
-use crate::pg::relation::{IndexScan, Rel, Slot};
+use crate::pg::relation::{begin_index_scan, Rel, Slot};
 use pgrx::pg_sys;
 
 pub enum Cause {
@@ -203,13 +203,7 @@ fn conflicting_row(heap: &Rel, index: pg_sys::Oid, values: &[pg_sys::Datum]) -> 
                 values[i],
             );
         }
-        let scan = IndexScan(pg_sys::index_beginscan(
-            heap.as_ptr(),
-            rel,
-            &mut snapshot,
-            n as i32,
-            0,
-        ));
+        let scan = begin_index_scan(heap.as_ptr(), rel, &mut snapshot, n as i32);
         pg_sys::index_rescan(scan.0, keys.as_mut_ptr(), n as i32, std::ptr::null_mut(), 0);
         let slot = Slot::for_table(heap);
         Some(pg_sys::index_getnext_slot(
