@@ -7,7 +7,7 @@ import subprocess
 import psycopg
 from psycopg.types.json import Jsonb
 
-PG_BIN = "/usr/lib/postgresql/15/bin"
+PG_BIN = os.environ.get("IDEM_PG_BIN", "/usr/lib/postgresql/15/bin")
 
 
 def run(*cmd):
