@@ -308,7 +308,7 @@ fn begin(
                     Some(transaction_start()),
                     lease,
                     now,
-                    owner::role_name(owner::current_role()),
+                    owner::current_role_name(),
                 );
                 let tid = insert::insert_key_row(&claim.row(scope, key));
                 lock.release();
@@ -336,9 +336,9 @@ fn begin(
                 let leased = row.status == IN_PROGRESS
                     && !row.own
                     && row.locked_until.is_some_and(|l| l > now);
-                if !expired && !row.own && !owner::may_act_on(row.owner.as_deref()) {
+                if let Some(role) = foreign_owner(&row, now) {
                     lock.release();
-                    owner::refuse(key, scope, row.owner.as_deref().unwrap_or_default());
+                    owner::refuse(key, scope, role);
                 }
                 if !expired && differs(row.fingerprint.as_ref(), fingerprint.as_ref()) {
                     lock.release();
@@ -354,7 +354,7 @@ fn begin(
                             Some(transaction_start()),
                             lease,
                             now,
-                            owner::role_name(owner::current_role()),
+                            owner::current_role_name(),
                         )
                     }
                     IN_PROGRESS if row.own => {
@@ -388,9 +388,7 @@ fn begin(
                         None,
                         lease,
                         now,
-                        row.owner
-                            .clone()
-                            .unwrap_or_else(|| owner::role_name(owner::current_role())),
+                        row.owner.clone().unwrap_or_else(owner::current_role_name),
                     ),
                     // Finished while this caller waited for the lock.
                     COMPLETED | FAILED => {
@@ -522,9 +520,17 @@ fn started(
 /// key is unknown, so anyone may claim it afresh; this transaction's own
 /// rows are its own.
 fn refuse_unless_owner(row: &Row, now: pg_sys::TimestampTz, key: &str, scope: &str) {
-    if !row.own && !row.expired(now) {
-        owner::check(row.owner.as_deref(), key, scope);
+    if let Some(role) = foreign_owner(row, now) {
+        owner::refuse(key, scope, role);
     }
+}
+
+/// The owner of a row the caller may not act on (see `refuse_unless_owner`).
+fn foreign_owner(row: &Row, now: pg_sys::TimestampTz) -> Option<&str> {
+    if row.own || row.expired(now) {
+        return None;
+    }
+    owner::denied(row.owner.as_deref())
 }
 
 fn replay(row: Row) -> Answer {

@@ -63,9 +63,9 @@ fn holder(key: &str, scope: &str, token: Option<i64>) -> (Holder, Option<Tid>, O
             let lock = KeyLock::acquire(Space::Keys, scope, key);
             match probe(scope, key) {
                 Seen::Found(row) if row.status == IN_PROGRESS && row.token == Some(token) => {
-                    if !owner::may_act_on(row.owner.as_deref()) {
+                    if let Some(role) = owner::denied(row.owner.as_deref()) {
                         lock.release();
-                        owner::refuse(key, scope, row.owner.as_deref().unwrap_or_default());
+                        owner::refuse(key, scope, role);
                     }
                     (Holder::Lease, Some(row.tid), Some(lock))
                 }

@@ -69,6 +69,11 @@ pub fn role_name(oid: pg_sys::Oid) -> String {
     with_name(oid, str::to_string)
 }
 
+/// The caller's role's name, which a key it claims records.
+pub fn current_role_name() -> String {
+    role_name(current_role())
+}
+
 fn look_up_name(oid: pg_sys::Oid) -> String {
     // SAFETY: GetUserNameFromId with noerr returns a palloc'd copy of the
     // name, or NULL when there is no such role.
@@ -112,16 +117,9 @@ pub fn may_act_on_as(role: pg_sys::Oid, owner: Option<&str>) -> bool {
     }
 }
 
-/// Whether the caller may act on a key of `owner`.
-pub fn may_act_on(owner: Option<&str>) -> bool {
-    may_act_on_as(current_role(), owner)
-}
-
-/// Raises 42501 unless the caller may act on a key of `owner`.
-pub fn check(owner: Option<&str>, key: &str, scope: &str) {
-    if let Some(owner) = owner.filter(|_| !may_act_on(owner)) {
-        refuse(key, scope, owner);
-    }
+/// The key's owner, when it is a role the caller may not act for.
+pub fn denied(owner: Option<&str>) -> Option<&str> {
+    owner.filter(|_| !may_act_on_as(current_role(), owner))
 }
 
 /// Raises 42501 unless the caller has the privileges of the role that
@@ -140,7 +138,7 @@ pub fn refuse(key: &str, scope: &str, owner: &str) -> ! {
     )
     .detail(format!(
         "The key belongs to role \"{owner}\"; role \"{}\" does not have its privileges.",
-        role_name(current_role())
+        current_role_name()
     ))
     .hint("Act on a key as the role that claimed it, or as a member of that role.")
     .raise()

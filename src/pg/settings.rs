@@ -82,18 +82,14 @@ pub fn upsert_cache_size() -> i32 {
 }
 
 pub fn init() {
+    // In the order of NAMES.
+    let define: [fn(); 3] = [define_ttl, define_max_key_length, define_upsert_cache_size];
     for (i, name) in NAMES.iter().enumerate() {
-        BORROWED.with(|b| b[i].set(defined_elsewhere(name)));
-    }
-    let borrowed = |which: usize| BORROWED.with(|b| b[which].get());
-    if !borrowed(TTL) {
-        define_ttl();
-    }
-    if !borrowed(MAX_KEY) {
-        define_max_key_length();
-    }
-    if !borrowed(CACHE) {
-        define_upsert_cache_size();
+        let elsewhere = defined_elsewhere(name);
+        BORROWED.with(|b| b[i].set(elsewhere));
+        if !elsewhere {
+            define[i]();
+        }
     }
 }
 
