@@ -256,11 +256,16 @@ install_extension() {
         --no-default-features --features "pg$IDEM_PG" >/dev/null)
 }
 
+# current_version: the version Cargo.toml names.
+current_version() {
+    sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml" | head -1
+}
+
 # previous_release: the version this one upgrades from, named by the newest
 # update script sql/idempotency--PREVIOUS--CURRENT.sql.
 previous_release() {
     local current
-    current=$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml" | head -1)
+    current=$(current_version)
     (cd "$ROOT/sql" && ls idempotency--*--"$current".sql 2>/dev/null) |
         sed -n 's/^idempotency--\(.*\)--.*\.sql$/\1/p' | sort -V | tail -1
 }
