@@ -263,15 +263,12 @@ current_version() {
 
 # previous_release: the version this one upgrades from, named by the newest
 # update script sql/idempotency--PREVIOUS--CURRENT.sql.
-previous_release() {
-    local current
-    current=$(current_version)
-    (cd "$ROOT/sql" && ls idempotency--*--"$current".sql 2>/dev/null) |
-        sed -n 's/^idempotency--\(.*\)--.*\.sql$/\1/p' | sort -V | tail -1
+previous_releases() {
+    # Every release an update script starts from: ALTER EXTENSION UPDATE
+    # goes from each through the scripts after it to the current version.
+    (cd "$ROOT/sql" && ls idempotency--*--*.sql 2>/dev/null) |
+        sed -n 's/^idempotency--\([^-]*\)--.*\.sql$/\1/p' | sort -uV
 }
-
-# fetch_release_tag VERSION: makes sure the tag vVERSION is here, fetching
-# it from origin when a clone lacks it.
 fetch_release_tag() {
     local tag=v$1
     if ! git -C "$ROOT" rev-parse -q --verify "$tag^{commit}" >/dev/null; then
@@ -300,7 +297,10 @@ install_release() {
     rm -rf "$src"
     mkdir -p "$src"
     git -C "$ROOT" archive "$tag" | tar -x -C "$src"
-    (cd "$src" && CARGO_TARGET_DIR=$ROOT/target/releases/target \
+    # A target folder of its own: releases share the crate's name, so in a
+    # shared one a release's schema generator (pgrx_embed_idempotency) could
+    # be another release's binary that cargo takes to be up to date.
+    (cd "$src" && CARGO_TARGET_DIR=$ROOT/target/releases/target-$version \
         cargo pgrx install --pg-config "$PG_CONFIG" \
         --no-default-features --features "pg$IDEM_PG" >/dev/null)
 }
@@ -326,6 +326,10 @@ port = $port
 unix_socket_directories = '$dir'
 max_prepared_transactions = 10
 CONF
+    if [ "$profile" = clients ]; then
+        # Drivers that speak TCP only (pgjdbc), and poolers, connect here.
+        echo "listen_addresses = '127.0.0.1'" >>"$dir/data/postgresql.conf"
+    fi
     if [ "$profile" = bench ]; then
         cat >>"$dir/data/postgresql.conf" <<CONF
 shared_buffers = 2GB

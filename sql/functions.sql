@@ -16,13 +16,20 @@
 
 -- idem_begin's row is a named type rather than OUT parameters: the executor
 -- then takes its shape from the type cache instead of rebuilding it from
--- the function's catalog entry on every call.
+-- the function's catalog entry on every call. The response_* columns replay
+-- a stored HTTP response; retry_after tells an in_progress caller when a
+-- lease ends. Columns added by a release come last (ALTER TYPE ... ADD
+-- ATTRIBUTE in its update script).
 CREATE TYPE idem_begin_result AS (
     status text,
     result jsonb,
     attempt integer,
     recovery_point text,
-    token bigint);
+    token bigint,
+    response_status integer,
+    response_headers jsonb,
+    response_body bytea,
+    retry_after interval);
 
 CREATE FUNCTION idem_begin(
     key text,
@@ -32,7 +39,7 @@ CREATE FUNCTION idem_begin(
     wait interval DEFAULT '0')
 RETURNS idem_begin_result
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.2.0', 'idem_begin';
+AS '$libdir/idempotency-0.3.0', 'idem_begin';
 COMMENT ON FUNCTION idem_begin IS 'Claim an idempotency key: started, completed, failed, in_progress or mismatch';
 
 CREATE FUNCTION idem_finish(
@@ -40,10 +47,13 @@ CREATE FUNCTION idem_finish(
     result jsonb DEFAULT NULL,
     scope text DEFAULT '',
     token bigint DEFAULT NULL,
-    ttl interval DEFAULT NULL)
+    ttl interval DEFAULT NULL,
+    response_status integer DEFAULT NULL,
+    response_headers jsonb DEFAULT NULL,
+    response_body bytea DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.2.0', 'idem_finish';
+AS '$libdir/idempotency-0.3.0', 'idem_finish';
 COMMENT ON FUNCTION idem_finish IS 'Store the result of a key this transaction (or this token) holds';
 
 CREATE FUNCTION idem_fail(
@@ -51,10 +61,14 @@ CREATE FUNCTION idem_fail(
     error jsonb DEFAULT NULL,
     scope text DEFAULT '',
     retryable boolean DEFAULT true,
-    token bigint DEFAULT NULL)
+    token bigint DEFAULT NULL,
+    ttl interval DEFAULT NULL,
+    response_status integer DEFAULT NULL,
+    response_headers jsonb DEFAULT NULL,
+    response_body bytea DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.2.0', 'idem_fail';
+AS '$libdir/idempotency-0.3.0', 'idem_fail';
 COMMENT ON FUNCTION idem_fail IS 'Release a held key for a retry, or store a permanent failure';
 
 CREATE FUNCTION idem_checkpoint(
@@ -64,39 +78,39 @@ CREATE FUNCTION idem_checkpoint(
     token bigint DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.2.0', 'idem_checkpoint';
+AS '$libdir/idempotency-0.3.0', 'idem_checkpoint';
 COMMENT ON FUNCTION idem_checkpoint IS 'Record a recovery point for a held key and renew its lease';
 
 CREATE FUNCTION idem_once(key text, scope text DEFAULT '')
 RETURNS boolean
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.2.0', 'idem_once';
+AS '$libdir/idempotency-0.3.0', 'idem_once';
 COMMENT ON FUNCTION idem_once IS 'Record a key in the deduplication ledger: true the first time, false after';
 
 -- The upsert helpers run with the caller's privileges (SECURITY INVOKER):
 -- GRANTs and row-level security on the target apply as to any statement.
-CREATE FUNCTION idem_upsert(target regclass, "row" jsonb, conflict_columns text[] DEFAULT NULL)
+CREATE FUNCTION idem_upsert(target regclass, data jsonb, conflict_columns text[] DEFAULT NULL)
 RETURNS text
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.2.0', 'idem_upsert';
+AS '$libdir/idempotency-0.3.0', 'idem_upsert';
 COMMENT ON FUNCTION idem_upsert IS 'Insert a row, or update the row it conflicts with: inserted, updated or unchanged';
 
-CREATE FUNCTION idem_insert_once(target regclass, "row" jsonb, conflict_columns text[] DEFAULT NULL)
+CREATE FUNCTION idem_insert_once(target regclass, data jsonb, conflict_columns text[] DEFAULT NULL)
 RETURNS boolean
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.2.0', 'idem_insert_once';
+AS '$libdir/idempotency-0.3.0', 'idem_insert_once';
 COMMENT ON FUNCTION idem_insert_once IS 'Insert a row unless a conflicting row exists; true if it inserted';
 
 CREATE FUNCTION idem_canonical(value jsonb)
 RETURNS text
 LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
-AS '$libdir/idempotency-0.2.0', 'idem_canonical';
+AS '$libdir/idempotency-0.3.0', 'idem_canonical';
 COMMENT ON FUNCTION idem_canonical IS 'The RFC 8785 canonical JSON text of a value';
 
 CREATE FUNCTION idem_fingerprint(value jsonb)
 RETURNS text
 LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
-AS '$libdir/idempotency-0.2.0', 'idem_fingerprint';
+AS '$libdir/idempotency-0.3.0', 'idem_fingerprint';
 COMMENT ON FUNCTION idem_fingerprint IS 'Lowercase hex SHA-256 of idem_canonical(value)';
 
 -- Read-only, so it works on a hot standby. Shows the committed state (and
@@ -113,9 +127,12 @@ RETURNS TABLE (
     created_at timestamptz,
     finished_at timestamptz,
     expires_at timestamptz,
-    locked_until timestamptz)
+    locked_until timestamptz,
+    response_status integer,
+    response_headers jsonb,
+    response_body bytea)
 LANGUAGE c VOLATILE PARALLEL SAFE ROWS 1
-AS '$libdir/idempotency-0.2.0', 'idem_get';
+AS '$libdir/idempotency-0.3.0', 'idem_get';
 COMMENT ON FUNCTION idem_get IS 'The committed state of a key, or no row when it is unknown, expired or another role''s';
 
 -- Deletes up to batch_size expired keys (NULL: all of them) and returns how

@@ -24,11 +24,15 @@ REVOKE ALL ON SCHEMA idempotency FROM PUBLIC;
 -- scope and key use the "C" collation: byte order is all the index needs, and
 -- it is much cheaper than a linguistic collation. fillfactor leaves room on
 -- each page so that idem_finish's update of a fresh claim stays a HOT update.
--- expires_at is deliberately not indexed, for the same reason. owner,
--- last so that the columns before it keep fixed offsets, is the name of the role that claimed the key, which alone (with the roles
--- that have its privileges) may act on it or see it: a name, so that a dump
+-- expires_at is deliberately not indexed, for the same reason. owner is the
+-- name of the role that claimed the key, which alone (with the roles that
+-- have its privileges) may act on it or see it: a name, so that a dump
 -- restored into another cluster, where roles have other OIDs, keeps keys
--- their roles' (a regrole would refuse a row whose role is missing).
+-- their roles' (a regrole would refuse a row whose role is missing). The
+-- response_* columns hold an HTTP response to replay byte for byte (status,
+-- chosen headers, body), beside result. Columns added by a release come
+-- last, in the order its update script adds them, so that a fresh install
+-- and an updated one store rows alike.
 CREATE TABLE idempotency.keys (
     created_at     timestamptz NOT NULL,
     finished_at    timestamptz,
@@ -44,6 +48,9 @@ CREATE TABLE idempotency.keys (
     recovery_point text,
     result         jsonb,
     owner          text,
+    response_status  integer,
+    response_headers jsonb,
+    response_body    bytea,
     PRIMARY KEY (scope, key)
 ) WITH (fillfactor = 80);
 COMMENT ON TABLE idempotency.keys IS 'One row per idempotency key; see idem_get() for a readable view of a key';

@@ -10,11 +10,11 @@ use crate::canonical::sql::fingerprint_of_jsonb;
 use crate::keys::held::{self, Held};
 use crate::keys::owner;
 use crate::ledger::insert;
-use crate::ledger::key_and_scope;
 use crate::ledger::lock::{self, KeyLock, Space};
 use crate::ledger::probe::{probe, Row, Seen};
 use crate::ledger::statements::{self, Claim};
 use crate::ledger::wait::{sleep_until, wait_for_transaction};
+use crate::ledger::{key_and_scope, Response};
 use crate::ledger::{COMPLETED, FAILED, IN_PROGRESS, RELEASED};
 use crate::pg::errors::{error, name_key, Code};
 use crate::pg::fmgr::{self, finfo_v1, Args, Signature};
@@ -30,16 +30,21 @@ enum Answer {
     },
     Completed {
         result: Option<pg_sys::Datum>,
+        response: Response,
         attempt: i32,
         recovery_point: Option<String>,
     },
     Failed {
         result: Option<pg_sys::Datum>,
+        response: Response,
         attempt: i32,
         recovery_point: Option<String>,
     },
     InProgress {
         attempt: Option<i32>,
+        /// Microseconds until the holder's lease ends; None for a holder in
+        /// transaction mode, whose end cannot be foreseen.
+        retry_after: Option<i64>,
     },
     Mismatch,
 }
@@ -62,12 +67,16 @@ const SIGNATURE: Signature = Signature {
 };
 
 /// The columns of `idem_begin_result`.
-const RESULT_COLUMNS: [pg_sys::Oid; 5] = [
+const RESULT_COLUMNS: [pg_sys::Oid; 9] = [
     pg_sys::TEXTOID,
     pg_sys::JSONBOID,
     pg_sys::INT4OID,
     pg_sys::TEXTOID,
     pg_sys::INT8OID,
+    pg_sys::INT4OID,
+    pg_sys::JSONBOID,
+    pg_sys::BYTEAOID,
+    INTERVAL,
 ];
 
 /// `idem_begin(key, request, scope, lease, wait)`.
@@ -108,39 +117,100 @@ pub unsafe extern "C-unwind" fn idem_begin(fcinfo: pg_sys::FunctionCallInfo) -> 
 
     let answer = begin(&key, &scope, fingerprint, lease.as_ref(), deadline);
 
-    let mut values = [pg_sys::Datum::from(0usize); 5];
-    let mut nulls = [true; 5];
-    let (status, result, attempt, recovery_point, token) = match answer {
-        Answer::Started {
-            attempt,
-            recovery_point,
-            token,
-        } => ("started", None, Some(attempt), recovery_point, token),
-        Answer::Completed {
-            result,
-            attempt,
-            recovery_point,
-        } => ("completed", result, Some(attempt), recovery_point, None),
-        Answer::Failed {
-            result,
-            attempt,
-            recovery_point,
-        } => ("failed", result, Some(attempt), recovery_point, None),
-        Answer::InProgress { attempt } => ("in_progress", None, attempt, None, None),
-        Answer::Mismatch => ("mismatch", None, None, None, None),
-    };
-    (values[0], nulls[0]) = fmgr::text_datum(Some(status));
-    if let Some(r) = result {
-        (values[1], nulls[1]) = (r, false);
-    }
-    if let Some(a) = attempt {
-        (values[2], nulls[2]) = (pg_sys::Datum::from(a), false);
-    }
-    (values[3], nulls[3]) = fmgr::text_datum(recovery_point.as_deref());
-    if let Some(t) = token {
-        (values[4], nulls[4]) = (pg_sys::Datum::from(t), false);
+    let reply = Reply::from(answer);
+    let mut values = [pg_sys::Datum::from(0usize); 9];
+    let mut nulls = [true; 9];
+    (values[0], nulls[0]) = fmgr::text_datum(Some(reply.status));
+    (values[3], nulls[3]) = fmgr::text_datum(reply.recovery_point.as_deref());
+    let Response {
+        status: code,
+        headers,
+        body,
+    } = reply.response;
+    let datums = [
+        (1, reply.result),
+        (2, reply.attempt.map(pg_sys::Datum::from)),
+        (4, reply.token.map(pg_sys::Datum::from)),
+        (5, code.map(pg_sys::Datum::from)),
+        (6, headers),
+        (7, body),
+        (8, reply.retry_after.map(fmgr::interval_datum)),
+    ];
+    for (i, datum) in datums {
+        if let Some(d) = datum {
+            (values[i], nulls[i]) = (d, false);
+        }
     }
     args.return_row(&RESULT_COLUMNS, &mut values, &mut nulls)
+}
+
+/// One row of `idem_begin_result`: NULL wherever the answer has nothing.
+#[derive(Default)]
+struct Reply {
+    status: &'static str,
+    result: Option<pg_sys::Datum>,
+    attempt: Option<i32>,
+    recovery_point: Option<String>,
+    token: Option<i64>,
+    response: Response,
+    retry_after: Option<i64>,
+}
+
+impl From<Answer> for Reply {
+    fn from(answer: Answer) -> Reply {
+        match answer {
+            Answer::Started {
+                attempt,
+                recovery_point,
+                token,
+            } => Reply {
+                status: "started",
+                attempt: Some(attempt),
+                recovery_point,
+                token,
+                ..Reply::default()
+            },
+            Answer::Completed {
+                result,
+                response,
+                attempt,
+                recovery_point,
+            } => Reply {
+                status: "completed",
+                result,
+                attempt: Some(attempt),
+                recovery_point,
+                response,
+                ..Reply::default()
+            },
+            Answer::Failed {
+                result,
+                response,
+                attempt,
+                recovery_point,
+            } => Reply {
+                status: "failed",
+                result,
+                attempt: Some(attempt),
+                recovery_point,
+                response,
+                ..Reply::default()
+            },
+            Answer::InProgress {
+                attempt,
+                retry_after,
+            } => Reply {
+                status: "in_progress",
+                attempt,
+                retry_after,
+                ..Reply::default()
+            },
+            Answer::Mismatch => Reply {
+                status: "mismatch",
+                ..Reply::default()
+            },
+        }
+    }
 }
 
 fn differs(stored: Option<&[u8; 32]>, new: Option<&[u8; 32]>) -> bool {
@@ -264,6 +334,7 @@ fn begin(
                 if now >= deadline {
                     return Answer::InProgress {
                         attempt: attempt_of(&seen),
+                        retry_after: retry_after_of(&seen, now),
                     };
                 }
                 // Wait for the lock's holder, then look again holding it.
@@ -319,7 +390,10 @@ fn begin(
                 // but the wait is bounded like any other.
                 lock.release();
                 if now >= deadline {
-                    return Answer::InProgress { attempt: None };
+                    return Answer::InProgress {
+                        attempt: None,
+                        retry_after: None,
+                    };
                 }
                 wait_for_transaction(xid, Some(deadline));
             }
@@ -370,6 +444,7 @@ fn begin(
                         if now >= deadline {
                             return Answer::InProgress {
                                 attempt: Some(row.attempt),
+                                retry_after: lease_left(&row, now),
                             };
                         }
                         let until = row.locked_until.unwrap_or(now).min(deadline);
@@ -429,6 +504,22 @@ fn attempt_of(seen: &Seen) -> Option<i32> {
     }
 }
 
+/// How long until the lease of an in-progress row ends (never negative);
+/// None for a claim in transaction mode.
+fn lease_left(row: &Row, now: pg_sys::TimestampTz) -> Option<i64> {
+    row.locked_until
+        .filter(|_| row.status == IN_PROGRESS)
+        .map(|until| until.saturating_sub(now).max(0))
+}
+
+/// `lease_left` of the row a caller that finds the key locked saw, if any.
+fn retry_after_of(seen: &Seen, now: pg_sys::TimestampTz) -> Option<i64> {
+    match seen {
+        Seen::Found(row) | Seen::Busy { row, .. } => lease_left(row, now),
+        _ => None,
+    }
+}
+
 /// Another open transaction holds the key: answer, or wait for it and
 /// return None to look again.
 fn answer_busy(
@@ -451,6 +542,7 @@ fn answer_busy(
     if now >= deadline {
         return Some(Answer::InProgress {
             attempt: Some(row.attempt),
+            retry_after: lease_left(&row, now),
         });
     }
     wait_for_transaction(xid, Some(deadline));
@@ -537,6 +629,7 @@ fn replay(row: Row) -> Answer {
     let Row {
         status,
         result,
+        response,
         attempt,
         recovery_point,
         ..
@@ -544,12 +637,14 @@ fn replay(row: Row) -> Answer {
     if status == COMPLETED {
         Answer::Completed {
             result,
+            response,
             attempt,
             recovery_point,
         }
     } else {
         Answer::Failed {
             result,
+            response,
             attempt,
             recovery_point,
         }

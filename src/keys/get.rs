@@ -43,7 +43,7 @@ pub unsafe extern "C-unwind" fn idem_get(fcinfo: pg_sys::FunctionCallInfo) -> pg
         }
         assert_eq!(values.len(), READ_KEY_COLUMNS);
         // SAFETY: the tuplestore and descriptor were made above for the
-        // nine columns of idem_get's result, which READ_KEY returns in that
+        // twelve columns of idem_get's result, which READ_KEY returns in that
         // order and with those types; putvalues copies them.
         unsafe {
             pg_sys::tuplestore_putvalues(

@@ -154,6 +154,19 @@ fn check_none_open() {
         } else {
             String::new()
         };
+        // SAFETY: reads the backend's transaction state.
+        if !unsafe { pg_sys::IsTransactionBlock() } {
+            // No BEGIN: the statement was a transaction of its own
+            // (autocommit, the default of most drivers), so nothing after it
+            // could have finished the key.
+            error(
+                Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("{}{others} was begun outside a transaction block, so its statement's own transaction ended before the key was finished or failed", name_key(key, scope)),
+            )
+            .detail("In autocommit every statement commits by itself. The key and the work done under it are as if never begun.")
+            .hint("Open a transaction (BEGIN, or your driver's transaction block) around idem_begin(), the work and idem_finish(); or pass lease => to idem_begin() to claim the key across transactions.")
+            .raise();
+        }
         error(
             Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("{}{others} was begun in this transaction but neither finished nor failed", name_key(key, scope)),

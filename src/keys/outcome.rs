@@ -3,11 +3,12 @@
 //! key; in lease mode it is whoever presents the current fencing token.
 use crate::keys::held::{self, Held};
 use crate::keys::owner;
+use crate::keys::response;
 use crate::ledger::insert::{self as direct, KeyRow};
 use crate::ledger::key_and_scope;
 use crate::ledger::lock::{KeyLock, Space};
 use crate::ledger::probe::{probe, Seen};
-use crate::ledger::statements::{self, Tid};
+use crate::ledger::statements::{self, Outcome, Tid};
 use crate::ledger::{COMPLETED, FAILED, IN_PROGRESS, RELEASED};
 use crate::pg::errors::{error, name_key, Code};
 use crate::pg::fmgr::{self, finfo_v1, Args, Signature};
@@ -111,8 +112,7 @@ fn record_outcome(
     key: &str,
     scope: &str,
     token: Option<i64>,
-    status: u8,
-    result: Option<pg_sys::Datum>,
+    outcome: Outcome,
     ttl: Option<pg_sys::Interval>,
 ) {
     check_writable(function);
@@ -127,12 +127,13 @@ fn record_outcome(
         (Holder::Transaction(h), None) => direct::insert_key_row(&KeyRow {
             scope,
             key,
-            status,
+            status: outcome.status,
             attempt: h.attempt,
             token: None,
             owner: claimed_by.as_deref(),
             fingerprint: h.fingerprint.as_ref(),
-            result,
+            result: outcome.result,
+            response: outcome.response,
             recovery_point: h.recovery_point.as_deref(),
             created_at: now,
             finished_at: Some(now),
@@ -141,7 +142,7 @@ fn record_outcome(
             lease: None,
         }),
         (_, Some(at)) => {
-            match statements::update_outcome(&at, scope, key, status, result, now, expires) {
+            match statements::update_outcome(&at, scope, key, &outcome, now, expires) {
                 Some(tid) => tid,
                 None => not_held(key, scope),
             }
@@ -171,15 +172,29 @@ const JSONB: pg_sys::Oid = pg_sys::JSONBOID;
 const INT8: pg_sys::Oid = pg_sys::INT8OID;
 const VOID: Option<pg_sys::Oid> = Some(pg_sys::VOIDOID);
 
+const INTERVAL: pg_sys::Oid = pg_sys::INTERVALOID;
+const INT4: pg_sys::Oid = pg_sys::INT4OID;
+const BYTEA: pg_sys::Oid = pg_sys::BYTEAOID;
+
 const FINISH: Signature = Signature {
     name: "idem_finish",
-    args: &[TEXT, JSONB, TEXT, INT8, pg_sys::INTERVALOID],
+    args: &[TEXT, JSONB, TEXT, INT8, INTERVAL, INT4, JSONB, BYTEA],
     result: VOID,
 };
 
 const FAIL: Signature = Signature {
     name: "idem_fail",
-    args: &[TEXT, JSONB, TEXT, pg_sys::BOOLOID, INT8],
+    args: &[
+        TEXT,
+        JSONB,
+        TEXT,
+        pg_sys::BOOLOID,
+        INT8,
+        INTERVAL,
+        INT4,
+        JSONB,
+        BYTEA,
+    ],
     result: VOID,
 };
 
@@ -189,20 +204,25 @@ const CHECKPOINT: Signature = Signature {
     result: VOID,
 };
 
-/// `idem_finish(key, result, scope, token, ttl)`.
+/// `idem_finish(key, result, scope, token, ttl, response_status,
+/// response_headers, response_body)`.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn idem_finish(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // SAFETY: Postgres calls this with the call info of idem_finish.
     let args = unsafe { Args::new(fcinfo, &FINISH) };
     let (key, scope) = key_and_scope(&args, 0, 2);
+    let response = response::from_args(&args, 5, &key, &scope);
     record_outcome(
         c"idem_finish",
         &key,
         &scope,
         args.i64(3),
-        COMPLETED,
-        args.datum(1),
+        Outcome {
+            status: COMPLETED,
+            result: args.datum(1),
+            response,
+        },
         args.interval(4),
     );
     pg_sys::Datum::from(0usize)
@@ -210,7 +230,8 @@ pub unsafe extern "C-unwind" fn idem_finish(fcinfo: pg_sys::FunctionCallInfo) ->
 
 finfo_v1!(pg_finfo_idem_fail);
 
-/// `idem_fail(key, error, scope, retryable, token)`.
+/// `idem_fail(key, error, scope, retryable, token, ttl, response_status,
+/// response_headers, response_body)`.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn idem_fail(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
@@ -222,14 +243,18 @@ pub unsafe extern "C-unwind" fn idem_fail(fcinfo: pg_sys::FunctionCallInfo) -> p
     } else {
         FAILED
     };
+    let response = response::from_args(&args, 6, &key, &scope);
     record_outcome(
         c"idem_fail",
         &key,
         &scope,
         args.i64(4),
-        status,
-        args.datum(1),
-        None,
+        Outcome {
+            status,
+            result: args.datum(1),
+            response,
+        },
+        args.interval(5),
     );
     pg_sys::Datum::from(0usize)
 }

@@ -20,9 +20,10 @@ use super::statements;
 use super::tables::{self, Table, Which};
 use super::tables::{
     K_ATTEMPT, K_CREATED_AT, K_EXPIRES_AT, K_FINGERPRINT, K_FINISHED_AT, K_KEY, K_LEASE,
-    K_LOCKED_UNTIL, K_OWNER, K_RECOVERY_POINT, K_RESULT, K_SCOPE, K_STATUS, K_TOKEN, O_KEY,
-    O_RECORDED_AT, O_SCOPE,
+    K_LOCKED_UNTIL, K_OWNER, K_RECOVERY_POINT, K_RESPONSE_BODY, K_RESPONSE_HEADERS,
+    K_RESPONSE_STATUS, K_RESULT, K_SCOPE, K_STATUS, K_TOKEN, O_KEY, O_RECORDED_AT, O_SCOPE,
 };
+use super::Response;
 use crate::pg::relation::Rel;
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
@@ -154,6 +155,7 @@ pub struct KeyRow<'a> {
     pub owner: Option<&'a str>,
     pub fingerprint: Option<&'a [u8; 32]>,
     pub result: Option<pg_sys::Datum>,
+    pub response: Response,
     pub recovery_point: Option<&'a str>,
     pub created_at: pg_sys::TimestampTz,
     pub finished_at: Option<pg_sys::TimestampTz>,
@@ -172,6 +174,9 @@ pub fn insert_key_row(row: &KeyRow) -> Tid {
     values[K_OWNER] = row.owner.and_then(|o| o.into_datum());
     values[K_FINGERPRINT] = row.fingerprint.and_then(|f| (&f[..]).into_datum());
     values[K_RESULT] = row.result;
+    values[K_RESPONSE_STATUS] = row.response.status.map(pg_sys::Datum::from);
+    values[K_RESPONSE_HEADERS] = row.response.headers;
+    values[K_RESPONSE_BODY] = row.response.body;
     values[K_RECOVERY_POINT] = row.recovery_point.and_then(|r| r.into_datum());
     values[K_CREATED_AT] = Some(pg_sys::Datum::from(row.created_at));
     values[K_FINISHED_AT] = row.finished_at.map(pg_sys::Datum::from);

@@ -20,6 +20,21 @@ pub mod wait;
 
 pub use tables::{catalog, COMPLETED, FAILED, IN_PROGRESS, RELEASED};
 
+use pgrx::pg_sys;
+
+/// An HTTP response stored with a key's outcome and replayed byte for byte
+/// (`keys.response_*`); every part None when none was stored. Checked on
+/// the way in by `keys::response`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Response {
+    /// The status code, 100 to 599.
+    pub status: Option<i32>,
+    /// A jsonb object: header name to a string, or to an array of strings.
+    pub headers: Option<pg_sys::Datum>,
+    /// A bytea, any bytes.
+    pub body: Option<pg_sys::Datum>,
+}
+
 use crate::pg::errors::{error, name_key, Code};
 use crate::pg::fmgr::Args;
 use crate::pg::settings;

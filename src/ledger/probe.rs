@@ -6,6 +6,7 @@
 //!
 //! A completed key's replay is answered from this probe alone, with no SQL.
 use super::tables::*;
+use super::Response;
 use crate::pg::relation::{begin_index_scan, Rel, Slot};
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
@@ -22,6 +23,8 @@ pub struct Row {
     pub fingerprint: Option<[u8; 32]>,
     /// The stored result, copied out of the buffer (a jsonb datum).
     pub result: Option<pg_sys::Datum>,
+    /// The stored response, copied out of the buffer like the result.
+    pub response: Response,
     pub recovery_point: Option<String>,
     pub expires_at: Option<pg_sys::TimestampTz>,
     pub locked_until: Option<pg_sys::TimestampTz>,
@@ -265,9 +268,16 @@ unsafe fn read_row(
             token: get(K_TOKEN).map(|d| d.value() as i64),
             owner: get(K_OWNER).map(|d| text_of(d)),
             fingerprint,
-            result: get(K_RESULT)
-                .filter(|_| with_result)
-                .map(|d| pg_sys::Datum::from(pg_sys::pg_detoast_datum_copy(d.cast_mut_ptr()))),
+            result: get(K_RESULT).filter(|_| with_result).map(|d| copy(d)),
+            response: if with_result {
+                Response {
+                    status: get(K_RESPONSE_STATUS).map(|d| d.value() as i32),
+                    headers: get(K_RESPONSE_HEADERS).map(|d| copy(d)),
+                    body: get(K_RESPONSE_BODY).map(|d| copy(d)),
+                }
+            } else {
+                Response::default()
+            },
             recovery_point,
             expires_at: get(K_EXPIRES_AT).map(|d| d.value() as i64),
             locked_until: get(K_LOCKED_UNTIL).map(|d| d.value() as i64),
@@ -275,6 +285,17 @@ unsafe fn read_row(
             tid: (*slot).tts_tid,
         }
     }
+}
+
+/// A varlena column's value, detoasted into a copy of its own that outlives
+/// the scan's buffer pin.
+///
+/// # Safety
+/// `d` is a varlena datum of a row the caller's slot holds.
+unsafe fn copy(d: pg_sys::Datum) -> pg_sys::Datum {
+    // SAFETY: as the caller promises; the copy is palloc'd in the current
+    // memory context.
+    pg_sys::Datum::from(unsafe { pg_sys::pg_detoast_datum_copy(d.cast_mut_ptr()) })
 }
 
 /// A short text column's value (a role's name), read in place when it is

@@ -36,15 +36,17 @@ const THIS_ROW: &str = "WHERE ctid OPERATOR(pg_catalog.=) $1 \
 const UPDATE_CLAIM: &str = "UPDATE idempotency.keys SET status = 'p', attempt = $4, \
      fingerprint = $5, recovery_point = $6, created_at = COALESCE($7, created_at), \
      locked_until = $8, token = $9, lease = $10, owner = $11, result = NULL, finished_at = NULL, \
-     expires_at = NULL";
+     expires_at = NULL, response_status = NULL, response_headers = NULL, response_body = NULL";
 const CLAIM_TYPES: &[pg_sys::Oid] = &[
     TID, TEXT, TEXT, INT4, BYTEA, TEXT, TSTZ, TSTZ, INT8, INTERVAL, TEXT,
 ];
 
 /// The outcome: completed, failed, or released for a retry.
 const UPDATE_OUTCOME: &str = "UPDATE idempotency.keys SET status = $4, result = $5, \
-     finished_at = $6, expires_at = $7, locked_until = NULL";
-const UPDATE_OUTCOME_TYPES: &[pg_sys::Oid] = &[TID, TEXT, TEXT, CHAR, JSONB, TSTZ, TSTZ];
+     finished_at = $6, expires_at = $7, locked_until = NULL, response_status = $8, \
+     response_headers = $9, response_body = $10";
+const UPDATE_OUTCOME_TYPES: &[pg_sys::Oid] =
+    &[TID, TEXT, TEXT, CHAR, JSONB, TSTZ, TSTZ, INT4, JSONB, BYTEA];
 
 /// A recovery point; a lease is renewed for as long as it was taken.
 const UPDATE_CHECKPOINT: &str = "UPDATE idempotency.keys SET recovery_point = $4, \
@@ -64,14 +66,15 @@ const READ_KEY: &str = "SELECT CASE \
      WHEN status OPERATOR(pg_catalog.=) 'f'::pg_catalog.\"char\" THEN 'failed' \
      WHEN status OPERATOR(pg_catalog.=) 'r'::pg_catalog.\"char\" THEN 'released' END, \
      result, attempt, recovery_point, pg_catalog.encode(fingerprint, 'hex'), \
-     created_at, finished_at, expires_at, locked_until, owner \
+     created_at, finished_at, expires_at, locked_until, \
+     response_status, response_headers, response_body, owner \
      FROM idempotency.keys \
      WHERE scope OPERATOR(pg_catalog.=) ($1 COLLATE pg_catalog.\"C\") \
      AND key OPERATOR(pg_catalog.=) ($2 COLLATE pg_catalog.\"C\") \
      AND (expires_at IS NULL OR expires_at OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp())";
 
 /// The columns of `idem_get`'s result, which `READ_KEY` returns first.
-pub const READ_KEY_COLUMNS: usize = 9;
+pub const READ_KEY_COLUMNS: usize = 12;
 
 #[derive(Clone, Copy)]
 enum Stmt {
@@ -293,6 +296,7 @@ impl Claim<'_> {
             owner: Some(&self.owner),
             fingerprint: self.fingerprint,
             result: None,
+            response: super::Response::default(),
             recovery_point: self.recovery_point,
             created_at: self
                 .created_at
@@ -332,13 +336,20 @@ pub fn update_claim(at: &Tid, scope: &str, key: &str, claim: &Claim) -> Option<T
     ))
 }
 
+/// What the holder of a key records: its status (completed, failed or
+/// released), the result or error, and the response.
+pub struct Outcome {
+    pub status: u8,
+    pub result: Option<pg_sys::Datum>,
+    pub response: super::Response,
+}
+
 /// Stores the outcome of a claim held by the caller.
 pub fn update_outcome(
     at: &Tid,
     scope: &str,
     key: &str,
-    status: u8,
-    result: Option<pg_sys::Datum>,
+    outcome: &Outcome,
     finished_at: pg_sys::TimestampTz,
     expires_at: pg_sys::TimestampTz,
 ) -> Option<Tid> {
@@ -346,10 +357,13 @@ pub fn update_outcome(
         tid(at),
         text(scope),
         text(key),
-        Some(pg_sys::Datum::from(status as i8)),
-        result,
+        Some(pg_sys::Datum::from(outcome.status as i8)),
+        outcome.result,
         int8(Some(finished_at)),
         int8(Some(expires_at)),
+        outcome.response.status.map(pg_sys::Datum::from),
+        outcome.response.headers,
+        outcome.response.body,
     ];
     written(execute(Stmt::UpdateOutcome, &params))
 }

@@ -37,7 +37,7 @@ const fn col(name: &'static CStr, type_oid: pg_sys::Oid, not_null: bool) -> Colu
 
 /// The columns of `idempotency.keys`, in the order of `schema.sql`; `K_*`
 /// index this list.
-pub const KEYS_COLUMNS: [Column; 14] = [
+pub const KEYS_COLUMNS: [Column; 17] = [
     col(c"created_at", pg_sys::TIMESTAMPTZOID, true),
     col(c"finished_at", pg_sys::TIMESTAMPTZOID, false),
     col(c"expires_at", pg_sys::TIMESTAMPTZOID, false),
@@ -52,6 +52,9 @@ pub const KEYS_COLUMNS: [Column; 14] = [
     col(c"recovery_point", pg_sys::TEXTOID, false),
     col(c"result", pg_sys::JSONBOID, false),
     col(c"owner", pg_sys::TEXTOID, false),
+    col(c"response_status", pg_sys::INT4OID, false),
+    col(c"response_headers", pg_sys::JSONBOID, false),
+    col(c"response_body", pg_sys::BYTEAOID, false),
 ];
 pub const K_CREATED_AT: usize = 0;
 pub const K_FINISHED_AT: usize = 1;
@@ -67,6 +70,9 @@ pub const K_FINGERPRINT: usize = 10;
 pub const K_RECOVERY_POINT: usize = 11;
 pub const K_RESULT: usize = 12;
 pub const K_OWNER: usize = 13;
+pub const K_RESPONSE_STATUS: usize = 14;
+pub const K_RESPONSE_HEADERS: usize = 15;
+pub const K_RESPONSE_BODY: usize = 16;
 
 /// The columns of `idempotency.once`; `O_*` index this list.
 pub const ONCE_COLUMNS: [Column; 3] = [

@@ -197,6 +197,10 @@ impl Args {
         self.nullable(i).map(|d| d.value() != 0)
     }
 
+    pub fn i32(&self, i: usize) -> Option<i32> {
+        self.nullable(i).map(|d| d.value() as i32)
+    }
+
     pub fn i64(&self, i: usize) -> Option<i64> {
         self.nullable(i).map(|d| d.value() as i64)
     }
@@ -340,5 +344,21 @@ pub fn text_datum(s: Option<&str>) -> (pg_sys::Datum, bool) {
     match s.and_then(|s| s.into_datum()) {
         Some(d) => (d, false),
         None => (pg_sys::Datum::from(0usize), true),
+    }
+}
+
+/// An interval of `micros` microseconds (no days or months), palloc'd in
+/// the current memory context.
+pub fn interval_datum(micros: i64) -> pg_sys::Datum {
+    // SAFETY: palloc returns memory of the requested size in the current
+    // context, or raises an ERROR; it is fully written before it is used.
+    unsafe {
+        let iv = pg_sys::palloc(std::mem::size_of::<pg_sys::Interval>()) as *mut pg_sys::Interval;
+        iv.write(pg_sys::Interval {
+            time: micros,
+            day: 0,
+            month: 0,
+        });
+        pg_sys::Datum::from(iv)
     }
 }

@@ -86,7 +86,7 @@ fn object_entries(row: pg_sys::Datum) -> Option<Vec<(String, pg_sys::JsonbValue)
 
 fn prepare_call(args: &Args, what: &str) -> Call {
     let relid = pg_sys::Oid::from(not_null(args.datum(0), "target").value() as u32);
-    let row = not_null(args.datum(1), "row");
+    let row = not_null(args.datum(1), "data");
     let conflict_arg: Option<Vec<Option<String>>> = args
         .datum(2)
         // SAFETY: argument 2 is declared text[] (checked by Args::new).
@@ -123,7 +123,7 @@ fn prepare_call(args: &Args, what: &str) -> Call {
                 Code::ERRCODE_UNDEFINED_COLUMN,
                 format!("column \"{c}\" of relation {name} does not exist"),
             )
-            .hint("The keys of row must be column names of the target, spelled exactly.")
+            .hint("The keys of data must be column names of the target, spelled exactly.")
             .raise();
         }
     }
@@ -176,7 +176,7 @@ fn prepare_call(args: &Args, what: &str) -> Call {
                 Code::ERRCODE_INVALID_PARAMETER_VALUE,
                 format!("the row for {what} into {name} has no value for the conflict column \"{c}\""),
             )
-            .hint("Give every column of conflict_columns (by default the primary key) a value in row.")
+            .hint("Give every column of conflict_columns (by default the primary key) a value in data.")
             .raise(),
             Some((_, v)) if v.type_ == pg_sys::jbvType::jbvNull => error(
                 Code::ERRCODE_NOT_NULL_VIOLATION,

@@ -1,8 +1,8 @@
-"""ALTER EXTENSION idempotency UPDATE from the previous release.
+"""ALTER EXTENSION idempotency UPDATE from an earlier release.
 
-scripts/test installs the previous release (built from its git tag) beside
-this version, starts a cluster, and passes the two versions in IDEM_PREVIOUS
-and IDEM_CURRENT. The test creates the previous version, fills it with keys
+scripts/test installs every earlier release (built from its git tag) beside
+this version, starts a cluster, and runs this file once for each, passing
+the two versions in IDEM_PREVIOUS and IDEM_CURRENT. The test creates the previous version, fills it with keys
 in every state under two roles, keeps a session open that has used the old
 library, updates, and then checks that every key answers as it should, that
 the old session goes on working, and that the extension's objects are those
@@ -20,6 +20,10 @@ PREVIOUS = os.environ.get("IDEM_PREVIOUS", "")
 CURRENT = os.environ.get("IDEM_CURRENT", "")
 UPGRADED = "idem_upgraded"
 FRESH = "idem_fresh"
+GRANTED = "idem_granted"
+# 0.1.0 recorded a role only for leases (holder); from 0.2.0 every key has
+# its owner.
+OWNERS_FOR_ALL = PREVIOUS != "0.1.0"
 
 
 def connect(dbname, **kw):
@@ -97,6 +101,8 @@ def fill(conn):
 def upgrade():
     assert PREVIOUS and CURRENT and PREVIOUS != CURRENT, "scripts/test sets both versions"
     with connect("postgres") as admin:
+        # (GRANTED, from an earlier run, holds privileges of the roles.)
+        admin.execute(f"DROP DATABASE IF EXISTS {GRANTED}")
         for db in (UPGRADED, FRESH):
             admin.execute(f"DROP DATABASE IF EXISTS {db}")
             admin.execute(f"CREATE DATABASE {db}")
@@ -140,10 +146,17 @@ def test_every_key_row_is_kept(upgrade):
     assert set(after) == set(before)
     assert len(after) >= 6
     for k, row in before.items():
-        assert after[k] == row, k
-    # Leases were the previous release's only keys with a role: they keep it.
+        # The columns the previous release had are unchanged.
+        assert {c: after[k][c] for c in row} == row, k
     assert after[("", "leased")]["owner"] == "idem_up_app"
-    assert after[("", "completed")]["owner"] is None
+    if OWNERS_FOR_ALL:
+        assert after[("", "completed")]["owner"] == "idem_up_app"
+    else:
+        # Leases were 0.1.0's only keys with a role: they keep it.
+        assert after[("", "completed")]["owner"] is None
+    # Rows from before responses were stored have none.
+    for row in after.values():
+        assert (row["response_status"], row["response_headers"], row["response_body"]) == (None, None, None)
 
 
 def test_keys_answer_after_the_update(upgrade):
@@ -168,8 +181,16 @@ def test_keys_answer_after_the_update(upgrade):
         assert sqlstate(db, "SELECT idem_finish('leased', '\"forged\"', token => %s)", (tokens["leased"],)) == "42501"
         assert sqlstate(db, "SELECT * FROM idem_begin('leased')") == "42501"
         db.execute("SET ROLE idem_up_app")
-        db.execute("SELECT idem_finish('leased', '\"sent\"', token => %s)", (tokens["leased"],))
+        # Its holder stores a response with it, which is replayed.
+        db.execute(
+            "SELECT idem_finish('leased', '\"sent\"', token => %s, response_status => 202, "
+            "response_headers => '{\"content-type\": \"text/plain\"}', response_body => '\\x73656e7400')",
+            (tokens["leased"],),
+        )
         assert begin(db, "leased")[:2] == ("completed", "sent")
+        assert db.execute(
+            "SELECT response_status, response_headers, response_body FROM idem_begin('leased')"
+        ).fetchone() == (202, {"content-type": "text/plain"}, b"sent\x00")
         # The lapsed lease is taken over from its recovery point, with a
         # token larger than any the previous release gave.
         status, _, attempt, recovery_point, token = begin(db, "lapsed", lease="1 minute")
@@ -184,9 +205,12 @@ def test_keys_answer_after_the_update(upgrade):
         db.execute("COMMIT")
         db.execute("SET ROLE idem_up_other")
         assert sqlstate(db, "SELECT * FROM idem_begin('released')") == "42501"
-        # Keys claimed in transaction mode under the previous release have no
-        # owner: open to every role, as they were.
-        assert begin(db, "completed", request=Jsonb({"card": "4242", "amount": 10}))[0] == "completed"
+        if OWNERS_FOR_ALL:
+            assert sqlstate(db, "SELECT * FROM idem_begin('completed')") == "42501"
+        else:
+            # Keys claimed in transaction mode under 0.1.0 have no owner:
+            # open to every role, as they were.
+            assert begin(db, "completed", request=Jsonb({"card": "4242", "amount": 10}))[0] == "completed"
         # New keys work, and belong to their role.
         db.execute("BEGIN")
         assert begin(db, "new")[0] == "started"
@@ -287,3 +311,43 @@ def test_objects_match_a_fresh_install(upgrade):
     missing = [r for r in fresh if r not in upgraded]
     extra = [r for r in upgraded if r not in fresh]
     assert (missing, extra) == ([], [])
+
+
+def test_privileges_given_on_changed_functions_are_kept():
+    """Functions whose parameters change are dropped and created again by
+    the update: what a DBA granted or revoked on them must hold after it."""
+    with connect("postgres") as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {GRANTED}")
+        admin.execute(f"CREATE DATABASE {GRANTED}")
+    with connect(GRANTED) as db:
+        db.execute(
+            psycopg.sql.SQL("CREATE EXTENSION idempotency VERSION {} SCHEMA public").format(
+                psycopg.sql.Literal(PREVIOUS)
+            )
+        )
+        db.execute("REVOKE EXECUTE ON FUNCTION idem_finish FROM PUBLIC")
+        db.execute("GRANT EXECUTE ON FUNCTION idem_finish TO idem_up_app WITH GRANT OPTION")
+        db.execute("REVOKE EXECUTE ON FUNCTION idem_upsert FROM PUBLIC")
+        db.execute("ALTER EXTENSION idempotency UPDATE")
+        rights = db.execute(
+            """SELECT r, f, has_function_privilege(r, f, 'EXECUTE'),
+                      has_function_privilege(r, f, 'EXECUTE WITH GRANT OPTION')
+                 FROM unnest(ARRAY['idem_up_app', 'idem_up_other']) r,
+                      unnest(ARRAY['idem_finish', 'idem_upsert', 'idem_fail']) n,
+                      LATERAL (SELECT p.oid::regprocedure::text AS f FROM pg_proc p
+                                WHERE p.proname = n AND p.pronamespace = 'public'::regnamespace) x
+                ORDER BY r, f"""
+        ).fetchall()
+        by = {(r, f.split("(")[0]): (ex, grant) for r, f, ex, grant in rights}
+        assert by == {
+            ("idem_up_app", "idem_finish"): (True, True),
+            ("idem_up_app", "idem_upsert"): (False, False),
+            ("idem_up_app", "idem_fail"): (True, False),
+            ("idem_up_other", "idem_finish"): (False, False),
+            ("idem_up_other", "idem_upsert"): (False, False),
+            ("idem_up_other", "idem_fail"): (True, False),
+        }
+        # And they are the new functions: the response arguments are there.
+        assert db.execute(
+            "SELECT pg_get_function_arguments('idem_finish'::regproc)"
+        ).fetchone()[0].endswith("response_body bytea DEFAULT NULL::bytea")

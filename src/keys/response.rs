@@ -1,0 +1,152 @@
+//! The HTTP response a key's outcome may carry (`response_status`,
+//! `response_headers`, `response_body` of `idem_finish` and `idem_fail`),
+//! checked before it is stored, so that a replay can send it as it is:
+//! a status code of three digits, headers that cannot split a response, and
+//! a body of any bytes.
+use crate::canonical::jsonb::JsonbTree;
+use crate::canonical::{Node, Tree};
+use crate::ledger::Response;
+use crate::pg::errors::{error, name_key, Code};
+use crate::pg::fmgr::Args;
+use pgrx::pg_sys;
+
+/// The response given in arguments `first` (status), `first + 1` (headers)
+/// and `first + 2` (body).
+pub fn from_args(args: &Args, first: usize, key: &str, scope: &str) -> Response {
+    let response = Response {
+        status: args.i32(first),
+        headers: args.datum(first + 1),
+        body: args.datum(first + 2),
+    };
+    match response.status {
+        Some(100..=599) => {}
+        Some(status) => invalid(
+            key,
+            scope,
+            format!("response_status {status} is not an HTTP status code"),
+            "Pass a status code from 100 to 599.",
+        ),
+        None if response.headers.is_some() || response.body.is_some() => invalid(
+            key,
+            scope,
+            "a response needs a response_status".into(),
+            "Pass response_status with response_headers or response_body.",
+        ),
+        None => {}
+    }
+    if let Some(headers) = response.headers {
+        check_headers(headers, key, scope);
+    }
+    response
+}
+
+fn invalid(key: &str, scope: &str, what: String, hint: &str) -> ! {
+    error(
+        Code::ERRCODE_INVALID_PARAMETER_VALUE,
+        format!("{what}, for {}", name_key(key, scope)),
+    )
+    .hint(hint)
+    .raise()
+}
+
+/// An object whose member names are HTTP field names (RFC 9110 tokens),
+/// distinct when compared as HTTP does (ignoring case), and whose values
+/// are strings, or arrays of strings for a field given more than once, none
+/// holding a CR, LF or NUL.
+fn check_headers(headers: pg_sys::Datum, key: &str, scope: &str) {
+    const HINT: &str = "Pass an object such as {\"content-type\": \"application/json\"}, with an array of strings for a header sent more than once.";
+    // SAFETY: the argument is declared jsonb (checked by Args::new); the
+    // detoasted value lives in the call's memory context until it ends.
+    let tree = unsafe {
+        JsonbTree::new(pg_sys::pg_detoast_datum(headers.cast_mut_ptr()) as *const pg_sys::Jsonb)
+    };
+    let Node::Object(object) = tree.root() else {
+        invalid(
+            key,
+            scope,
+            "response_headers must be a JSON object".into(),
+            HINT,
+        )
+    };
+    let mut members = Vec::new();
+    tree.members(object, &mut members);
+    let mut names: Vec<Vec<u8>> = members
+        .iter()
+        .map(|(n, _)| n.to_ascii_lowercase())
+        .collect();
+    names.sort_unstable();
+    if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
+        invalid(
+            key,
+            scope,
+            format!(
+                "response header \"{}\" is given twice (header names ignore case)",
+                String::from_utf8_lossy(&twice[0])
+            ),
+            "Give a header sent more than once as one name with an array of values.",
+        );
+    }
+    for (name, value) in members {
+        let shown = String::from_utf8_lossy(name);
+        if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+            invalid(
+                key,
+                scope,
+                format!("response header name \"{shown}\" is not an HTTP field name"),
+                "Header names are tokens: letters, digits and !#$%&'*+-.^_`|~.",
+            );
+        }
+        let check_value = |v: &[u8]| {
+            if v.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
+                invalid(
+                    key,
+                    scope,
+                    format!("response header \"{shown}\" has a line break in its value"),
+                    "Header values must not contain CR, LF or NUL.",
+                );
+            }
+        };
+        match value {
+            Node::String(v) => check_value(v),
+            Node::Array(items) => {
+                for item in tree.items(items) {
+                    match item {
+                        Node::String(v) => check_value(v),
+                        _ => invalid(
+                            key,
+                            scope,
+                            format!("response header \"{shown}\" has a value that is not a string"),
+                            HINT,
+                        ),
+                    }
+                }
+            }
+            _ => invalid(
+                key,
+                scope,
+                format!("response header \"{shown}\" has a value that is not a string"),
+                HINT,
+            ),
+        }
+    }
+}
+
+/// RFC 9110 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_tchar;
+
+    #[test]
+    fn field_name_characters() {
+        for b in b"Content-Type X_Custom.1 a!#$%&'*+-.^_`|~".iter() {
+            assert_eq!(is_tchar(*b), *b != b' ', "{}", *b as char);
+        }
+        for b in b" :\"(),/;<=>?@[\\]{}\t\r\n\x00\x7f\xc3".iter() {
+            assert!(!is_tchar(*b), "{:?}", *b as char);
+        }
+    }
+}
