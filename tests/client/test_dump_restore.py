@@ -15,6 +15,10 @@ def run(*cmd):
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+# A response body that is no text: restored byte for byte.
+RECEIPT = b"%PDF-1.4\n\x00\xff\xfe receipt \r\n"
+
+
 def fill(conn):
     """Keys in every state a key can be in."""
     def begin(key, **kw):
@@ -24,7 +28,11 @@ def fill(conn):
     with conn.transaction():
         begin("completed", request=Jsonb({"amount": 1}))
         conn.execute("SELECT idem_checkpoint('completed', 'half-way')")
-        conn.execute("SELECT idem_finish('completed', '{\"charge\": 7}', ttl => '30 days')")
+        conn.execute(
+            "SELECT idem_finish('completed', '{\"charge\": 7}', ttl => '30 days', response_status => 201, "
+            "response_headers => '{\"content-type\": \"application/pdf\"}', response_body => %s)",
+            (RECEIPT,),
+        )
     with conn.transaction():
         begin("failed", scope="tenant-1")
         conn.execute("SELECT idem_fail('failed', '{\"error\": \"card declined\"}', scope => 'tenant-1', retryable => false)")
@@ -69,6 +77,9 @@ def test_dump_and_restore_keep_every_key(tmp_path):
         # The restored database answers as the original did.
         assert dst.execute("SELECT status, result FROM idem_begin('completed', request => '{\"amount\": 1}')").fetchone() \
             == ("completed", {"charge": 7})
+        assert dst.execute(
+            "SELECT response_status, response_headers, response_body FROM idem_begin('completed')"
+        ).fetchone() == (201, {"content-type": "application/pdf"}, RECEIPT)
         assert dst.execute("SELECT status FROM idem_begin('completed', request => '{\"amount\": 2}')").fetchone() \
             == ("mismatch",)
         assert dst.execute("SELECT status, result FROM idem_begin('failed', scope => 'tenant-1')").fetchone() \

@@ -63,7 +63,10 @@ def nodes():
         # key released for a retry, and a recorded idem_once key.
         with primary.transaction():
             begin(primary, "done", request=Jsonb({"amount": 5}))
-            primary.execute("SELECT idem_finish('done', '{\"charge\": 1}')")
+            primary.execute(
+                "SELECT idem_finish('done', '{\"charge\": 1}', response_status => 201, "
+                "response_body => '\\x7b2263223a20317d00')"
+            )
         begin(primary, "leased", request=Jsonb({"to": "a"}), lease="1 hour")
         with primary.transaction():
             begin(primary, "released")
@@ -84,6 +87,10 @@ def test_answers_that_need_no_write(nodes):
     assert standby.execute("SELECT idem_once('recorded')").fetchone()[0] is False
     row = standby.execute("SELECT status, result FROM idem_get('done')").fetchone()
     assert row == ("completed", {"charge": 1})
+    # The stored response, byte for byte.
+    assert standby.execute(
+        "SELECT response_status, response_body FROM idem_begin('done')"
+    ).fetchone() == (201, b'{"c": 1}\x00')
 
 
 def test_a_running_lease_is_waited_for_no_longer_than_wait(nodes):
