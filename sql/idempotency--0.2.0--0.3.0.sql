@@ -18,14 +18,21 @@ ALTER TYPE @extschema@.idem_begin_result
     ADD ATTRIBUTE retry_after pg_catalog.interval;
 
 -- Functions whose parameters or result columns change are dropped and
--- created again (CREATE OR REPLACE cannot add or rename parameters). The
--- privileges a DBA gave or took on the old one are given to the new one, so
--- that an application keeps, and gets no more than, the rights it had.
+-- created again (CREATE OR REPLACE cannot add or rename parameters), keeping
+-- their owner and privileges: an application keeps, and gets no more than,
+-- the rights it had, whatever default privileges the role running the
+-- update has. Privileges set again here would be recorded as the
+-- function's initial ones (as any GRANT in an extension script is), which
+-- pg_dump leaves out; they are recorded as a DBA's instead, as before, so
+-- that a dump carries them.
 DO $update$
 DECLARE
     f record;
-    acl pg_catalog.aclitem[];
     g record;
+    owner pg_catalog.oid;
+    old_acl pg_catalog.aclitem[];
+    new_acl pg_catalog.aclitem[];
+    new_oid pg_catalog.oid;
 BEGIN
     FOR f IN
         SELECT *
@@ -106,21 +113,42 @@ $def$,
              'The committed state of a key, or no row when it is unknown, expired or another role''s'))
           AS t(old, new, definition, comment)
     LOOP
-        SELECT p.proacl INTO acl FROM pg_catalog.pg_proc AS p
+        SELECT p.proowner, COALESCE(p.proacl, pg_catalog.acldefault('f', p.proowner))
+          INTO owner, old_acl
+          FROM pg_catalog.pg_proc AS p
          WHERE p.oid OPERATOR(pg_catalog.=) f.old::pg_catalog.regprocedure;
         EXECUTE 'DROP FUNCTION ' OPERATOR(pg_catalog.||) f.old;
         EXECUTE f.definition;
         EXECUTE pg_catalog.format('COMMENT ON FUNCTION %s IS %L', f.new, f.comment);
-        -- NULL is the default (EXECUTE for PUBLIC), which the new one has.
-        IF acl IS NOT NULL THEN
-            EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.new);
-            FOR g IN SELECT * FROM pg_catalog.aclexplode(acl) LOOP
-                EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %s%s', f.new,
-                    CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
-                         ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END,
-                    CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
-            END LOOP;
-        END IF;
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO %I', f.new, pg_catalog.pg_get_userbyid(owner));
+        new_oid := f.new::pg_catalog.regprocedure;
+        SELECT COALESCE(p.proacl, pg_catalog.acldefault('f', p.proowner))
+          INTO new_acl
+          FROM pg_catalog.pg_proc AS p
+         WHERE p.oid OPERATOR(pg_catalog.=) new_oid;
+        CONTINUE WHEN new_acl OPERATOR(pg_catalog.=) old_acl;
+        FOR g IN SELECT DISTINCT e.grantee FROM pg_catalog.aclexplode(new_acl) AS e LOOP
+            EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM %s CASCADE', f.new,
+                CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
+                     ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END);
+        END LOOP;
+        FOR g IN SELECT * FROM pg_catalog.aclexplode(old_acl) LOOP
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %s%s', f.new,
+                CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
+                     ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END,
+                CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+        END LOOP;
+        DELETE FROM pg_catalog.pg_init_privs AS i
+         WHERE i.classoid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+           AND i.objoid OPERATOR(pg_catalog.=) new_oid;
+        -- (PostgreSQL 17 and later also record the roles of initial
+        -- privileges as shared dependencies of kind 'i'.)
+        DELETE FROM pg_catalog.pg_shdepend AS d
+         WHERE d.dbid OPERATOR(pg_catalog.=) (SELECT db.oid FROM pg_catalog.pg_database AS db
+                                               WHERE db.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
+           AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+           AND d.objid OPERATOR(pg_catalog.=) new_oid
+           AND d.deptype OPERATOR(pg_catalog.=) 'i';
     END LOOP;
 END
 $update$;

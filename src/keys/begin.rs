@@ -504,12 +504,13 @@ fn attempt_of(seen: &Seen) -> Option<i32> {
     }
 }
 
-/// How long until the lease of an in-progress row ends (never negative);
-/// None for a claim in transaction mode.
+/// How long until the lease of an in-progress row ends; None for a claim in
+/// transaction mode, and for a lease that has ended (the row version seen
+/// is then one a transaction is taking over, with no lease of its own).
 fn lease_left(row: &Row, now: pg_sys::TimestampTz) -> Option<i64> {
     row.locked_until
-        .filter(|_| row.status == IN_PROGRESS)
-        .map(|until| until.saturating_sub(now).max(0))
+        .filter(|&until| row.status == IN_PROGRESS && until > now)
+        .map(|until| until - now)
 }
 
 /// `lease_left` of the row a caller that finds the key locked saw, if any.

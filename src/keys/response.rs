@@ -1,8 +1,8 @@
 //! The HTTP response a key's outcome may carry (`response_status`,
 //! `response_headers`, `response_body` of `idem_finish` and `idem_fail`),
 //! checked before it is stored, so that a replay can send it as it is:
-//! a status code of three digits, headers that cannot split a response, and
-//! a body of any bytes.
+//! a final status code, headers that cannot split or reframe a response,
+//! and a body of any bytes.
 use crate::canonical::jsonb::JsonbTree;
 use crate::canonical::{Node, Tree};
 use crate::ledger::Response;
@@ -19,12 +19,12 @@ pub fn from_args(args: &Args, first: usize, key: &str, scope: &str) -> Response 
         body: args.datum(first + 2),
     };
     match response.status {
-        Some(100..=599) => {}
+        Some(200..=599) => {}
         Some(status) => invalid(
             key,
             scope,
-            format!("response_status {status} is not an HTTP status code"),
-            "Pass a status code from 100 to 599.",
+            format!("response_status {status} is not the status code of a final HTTP response"),
+            "Pass a status code from 200 to 599.",
         ),
         None if response.headers.is_some() || response.body.is_some() => invalid(
             key,
@@ -49,10 +49,27 @@ fn invalid(key: &str, scope: &str, what: String, hint: &str) -> ! {
     .raise()
 }
 
+/// Fields that frame a message or belong to one connection: the server sets
+/// them for each response it sends, so a stored one could contradict the
+/// replayed body's length or the replaying connection.
+const PER_CONNECTION: [&[u8]; 8] = [
+    b"connection",
+    b"content-length",
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+];
+
 /// An object whose member names are HTTP field names (RFC 9110 tokens),
-/// distinct when compared as HTTP does (ignoring case), and whose values
-/// are strings, or arrays of strings for a field given more than once, none
-/// holding a CR, LF or NUL.
+/// distinct when compared as HTTP does (ignoring case) and none of
+/// `PER_CONNECTION`, and whose values are strings, or arrays of strings for
+/// a field given more than once, of visible ASCII characters, spaces and
+/// tabs: every HTTP library sends those as they are, where a control
+/// character could end the header and other characters are refused or
+/// re-encoded by some.
 fn check_headers(headers: pg_sys::Datum, key: &str, scope: &str) {
     const HINT: &str = "Pass an object such as {\"content-type\": \"application/json\"}, with an array of strings for a header sent more than once.";
     // SAFETY: the argument is declared jsonb (checked by Args::new); the
@@ -96,13 +113,21 @@ fn check_headers(headers: pg_sys::Datum, key: &str, scope: &str) {
                 "Header names are tokens: letters, digits and !#$%&'*+-.^_`|~.",
             );
         }
+        if PER_CONNECTION.contains(&name.to_ascii_lowercase().as_slice()) {
+            invalid(
+                key,
+                scope,
+                format!("response header \"{shown}\" is set for each response by the server that sends it"),
+                "Leave framing and per-connection headers (content-length, transfer-encoding, connection, ...) out of response_headers.",
+            );
+        }
         let check_value = |v: &[u8]| {
-            if v.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
+            if !v.iter().all(|&b| is_value_byte(b)) {
                 invalid(
                     key,
                     scope,
-                    format!("response header \"{shown}\" has a line break in its value"),
-                    "Header values must not contain CR, LF or NUL.",
+                    format!("response header \"{shown}\" has a character that a header value cannot hold"),
+                    "Header values are visible ASCII characters, spaces and tabs; encode others (RFC 8187) first.",
                 );
             }
         };
@@ -131,6 +156,11 @@ fn check_headers(headers: pg_sys::Datum, key: &str, scope: &str) {
     }
 }
 
+/// Visible ASCII, space or tab: RFC 9110 `field-vchar` without `obs-text`.
+fn is_value_byte(b: u8) -> bool {
+    b == b'\t' || (b' '..=b'~').contains(&b)
+}
+
 /// RFC 9110 `tchar`.
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
@@ -138,7 +168,7 @@ fn is_tchar(b: u8) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::is_tchar;
+    use super::{is_tchar, is_value_byte};
 
     #[test]
     fn field_name_characters() {
@@ -147,6 +177,18 @@ mod tests {
         }
         for b in b" :\"(),/;<=>?@[\\]{}\t\r\n\x00\x7f\xc3".iter() {
             assert!(!is_tchar(*b), "{:?}", *b as char);
+        }
+    }
+
+    #[test]
+    fn field_value_characters() {
+        for b in b"text/html; charset=utf-8\t<https://a.example/?q=1>; rel=\"next\"~".iter() {
+            assert!(is_value_byte(*b), "{:?}", *b as char);
+        }
+        // Controls (a bare CR or LF ends a header), DEL, and the bytes of
+        // non-ASCII characters.
+        for b in b"\x00\x01\x08\n\x0b\x0c\r\x1b\x1f\x7f\x80\xc3\xa9\xff".iter() {
+            assert!(!is_value_byte(*b), "{:#x}", *b);
         }
     }
 }

@@ -9,6 +9,7 @@ the old session goes on working, and that the extension's objects are those
 of a fresh install of the current version.
 """
 import os
+import subprocess
 import time
 
 import psycopg
@@ -315,10 +316,14 @@ def test_objects_match_a_fresh_install(upgrade):
 
 def test_privileges_given_on_changed_functions_are_kept():
     """Functions whose parameters change are dropped and created again by
-    the update: what a DBA granted or revoked on them must hold after it."""
+    the update: what a DBA granted or revoked on them must hold after it,
+    and be in a dump; default privileges of the role running the update
+    must not change them; their owner stays."""
     with connect("postgres") as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {GRANTED}")
         admin.execute(f"CREATE DATABASE {GRANTED}")
+        admin.execute("DROP ROLE IF EXISTS idem_up_admin")
+        admin.execute("CREATE ROLE idem_up_admin SUPERUSER")
     with connect(GRANTED) as db:
         db.execute(
             psycopg.sql.SQL("CREATE EXTENSION idempotency VERSION {} SCHEMA public").format(
@@ -328,12 +333,17 @@ def test_privileges_given_on_changed_functions_are_kept():
         db.execute("REVOKE EXECUTE ON FUNCTION idem_finish FROM PUBLIC")
         db.execute("GRANT EXECUTE ON FUNCTION idem_finish TO idem_up_app WITH GRANT OPTION")
         db.execute("REVOKE EXECUTE ON FUNCTION idem_upsert FROM PUBLIC")
+        # Another superuser runs the update, with default privileges that
+        # would take EXECUTE from PUBLIC on every function it creates.
+        db.execute("ALTER DEFAULT PRIVILEGES FOR ROLE idem_up_admin REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC")
+        db.execute("SET ROLE idem_up_admin")
         db.execute("ALTER EXTENSION idempotency UPDATE")
+        db.execute("RESET ROLE")
         rights = db.execute(
             """SELECT r, f, has_function_privilege(r, f, 'EXECUTE'),
                       has_function_privilege(r, f, 'EXECUTE WITH GRANT OPTION')
                  FROM unnest(ARRAY['idem_up_app', 'idem_up_other']) r,
-                      unnest(ARRAY['idem_finish', 'idem_upsert', 'idem_fail']) n,
+                      unnest(ARRAY['idem_finish', 'idem_upsert', 'idem_fail', 'idem_get']) n,
                       LATERAL (SELECT p.oid::regprocedure::text AS f FROM pg_proc p
                                 WHERE p.proname = n AND p.pronamespace = 'public'::regnamespace) x
                 ORDER BY r, f"""
@@ -343,11 +353,34 @@ def test_privileges_given_on_changed_functions_are_kept():
             ("idem_up_app", "idem_finish"): (True, True),
             ("idem_up_app", "idem_upsert"): (False, False),
             ("idem_up_app", "idem_fail"): (True, False),
+            ("idem_up_app", "idem_get"): (True, False),
             ("idem_up_other", "idem_finish"): (False, False),
             ("idem_up_other", "idem_upsert"): (False, False),
             ("idem_up_other", "idem_fail"): (True, False),
+            ("idem_up_other", "idem_get"): (True, False),
         }
-        # And they are the new functions: the response arguments are there.
+        # They are the new functions, owned as before.
         assert db.execute(
             "SELECT pg_get_function_arguments('idem_finish'::regproc)"
         ).fetchone()[0].endswith("response_body bytea DEFAULT NULL::bytea")
+        owners = db.execute(
+            """SELECT DISTINCT proowner::regrole::text FROM pg_proc
+                WHERE proname IN ('idem_finish', 'idem_fail', 'idem_get', 'idem_upsert', 'idem_insert_once')"""
+        ).fetchall()
+        assert owners == [("postgres",)]
+        # A dump carries the DBA's privileges: they are not recorded as the
+        # functions' initial ones.
+        initial = db.execute(
+            """SELECT p.proname FROM pg_init_privs i JOIN pg_proc p ON p.oid = i.objoid
+                WHERE i.classoid = 'pg_proc'::regclass
+                  AND p.proname IN ('idem_finish', 'idem_fail', 'idem_get', 'idem_upsert', 'idem_insert_once')"""
+        ).fetchall()
+        assert initial == []
+    dump = subprocess.run(
+        [os.path.join(os.environ["IDEM_PG_BIN"], "pg_dump"), "--schema-only", "-d", GRANTED],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    assert "REVOKE ALL ON FUNCTION public.idem_finish(" in dump
+    assert "GRANT ALL ON FUNCTION public.idem_finish(" in dump and "TO idem_up_app WITH GRANT OPTION;" in dump
+    assert "REVOKE ALL ON FUNCTION public.idem_upsert(" in dump
+    assert "ON FUNCTION public.idem_fail(" not in dump

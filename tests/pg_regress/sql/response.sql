@@ -92,7 +92,7 @@ SELECT status, retry_after > interval '9 minutes' AND retry_after <= interval '1
 BEGIN;
 SELECT status FROM idem_begin('bad');
 SAVEPOINT s;
-SELECT idem_finish('bad', response_status => 99);
+SELECT idem_finish('bad', response_status => 103);
 \echo :LAST_ERROR_SQLSTATE
 ROLLBACK TO s;
 SELECT idem_finish('bad', response_status => 600);
@@ -116,6 +116,18 @@ ROLLBACK TO s;
 SELECT idem_finish('bad', response_status => 200, response_headers => '{"x-note": "a\nb"}');
 \echo :LAST_ERROR_SQLSTATE
 ROLLBACK TO s;
+SELECT idem_finish('bad', response_status => 200, response_headers => '{"x-note": "a\u001b[2Jb"}');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK TO s;
+SELECT idem_finish('bad', response_status => 200, response_headers => '{"content-disposition": "attachment; filename=\"reçu.pdf\""}');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK TO s;
+SELECT idem_finish('bad', response_status => 200, response_headers => '{"Content-Length": "5"}');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK TO s;
+SELECT idem_finish('bad', response_status => 200, response_headers => '{"transfer-encoding": "chunked"}');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK TO s;
 SELECT idem_finish('bad', response_status => 200, response_headers => '{"X-Up": "5", "x-up": "6"}');
 \echo :LAST_ERROR_SQLSTATE
 ROLLBACK TO s;
@@ -132,7 +144,8 @@ SELECT idem_fail('bad', ttl => '-1 hour');
 \echo :LAST_ERROR_SQLSTATE
 ROLLBACK TO s;
 -- The key is still held, and a good response is taken.
-SELECT idem_finish('bad', response_status => 200, response_headers => '{"x-empty": "", "vary": []}');
+SELECT idem_finish('bad', response_status => 200,
+    response_headers => '{"x-empty": "", "vary": [], "content-disposition": "attachment; filename*=UTF-8''''re%C3%A7u.pdf", "x-tab": "a\tb"}');
 COMMIT;
 SELECT status, response_status, response_headers FROM idem_begin('bad');
 
