@@ -6,7 +6,7 @@
 use crate::keys::owner;
 use crate::ledger::key_and_scope;
 use crate::ledger::statements::{self, READ_KEY_COLUMNS};
-use crate::pg::fmgr::{finfo_v1, Args, Signature};
+use crate::pg::fmgr::{self, finfo_v1, Args, Signature};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -35,6 +35,8 @@ pub unsafe extern "C-unwind" fn idem_get(fcinfo: pg_sys::FunctionCallInfo) -> pg
         pg_sys::InitMaterializedSRF(fcinfo, 0);
         (*fcinfo).resultinfo.cast::<pg_sys::ReturnSetInfo>()
     };
+    // SAFETY: InitMaterializedSRF set setDesc to a valid descriptor.
+    unsafe { fmgr::check_columns("idem_get", (*rsinfo).setDesc, &statements::READ_KEY_TYPES) };
     statements::read_key(&scope, &key, |values, nulls, role| {
         // Judged for the caller: inside read_key the current role is the
         // table's owner.

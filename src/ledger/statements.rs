@@ -76,6 +76,11 @@ const READ_KEY: &str = "SELECT CASE \
 /// The columns of `idem_get`'s result, which `READ_KEY` returns first.
 pub const READ_KEY_COLUMNS: usize = 12;
 
+/// Their types.
+pub const READ_KEY_TYPES: [pg_sys::Oid; READ_KEY_COLUMNS] = [
+    TEXT, JSONB, INT4, TEXT, TEXT, TSTZ, TSTZ, TSTZ, TSTZ, INT4, JSONB, BYTEA,
+];
+
 #[derive(Clone, Copy)]
 enum Stmt {
     UpdateClaim = 0,

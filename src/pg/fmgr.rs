@@ -264,20 +264,8 @@ impl Args {
                 type_name(self.result)
             ));
         }
-        // SAFETY: desc is the type cache's valid descriptor; attrs has
-        // natts entries.
-        let declared: Vec<pg_sys::Oid> = unsafe {
-            (0..(*desc).natts as usize)
-                .map(|i| {
-                    let att = crate::pg::relation::attribute(desc, i);
-                    if (*att).attisdropped {
-                        pg_sys::InvalidOid
-                    } else {
-                        (*att).atttypid
-                    }
-                })
-                .collect()
-        };
+        // SAFETY: desc is the type cache's valid descriptor.
+        let declared = unsafe { column_types(desc) };
         if declared != types {
             mismatch(format!(
                 "the result type {} has columns ({}) but the library returns ({})",
@@ -296,6 +284,44 @@ impl Args {
             });
         });
         desc
+    }
+}
+
+/// The type of each column of `desc`, InvalidOid for a dropped one.
+///
+/// # Safety
+/// `desc` is a valid tuple descriptor.
+unsafe fn column_types(desc: pg_sys::TupleDesc) -> Vec<pg_sys::Oid> {
+    // SAFETY: as the caller promises; attrs has natts entries.
+    unsafe {
+        (0..(*desc).natts as usize)
+            .map(|i| {
+                let att = crate::pg::relation::attribute(desc, i);
+                if (*att).attisdropped {
+                    pg_sys::InvalidOid
+                } else {
+                    (*att).atttypid
+                }
+            })
+            .collect()
+    }
+}
+
+/// Checks that a set-returning function's result descriptor (made from its
+/// declaration) has columns of exactly `types`, so that no datum is handed
+/// to the executor as another type (42P13 otherwise, as for `Args::new`).
+///
+/// # Safety
+/// `desc` is a valid tuple descriptor.
+pub unsafe fn check_columns(name: &str, desc: pg_sys::TupleDesc, types: &[pg_sys::Oid]) {
+    // SAFETY: as the caller promises.
+    let declared = unsafe { column_types(desc) };
+    if declared != types {
+        mismatch(format!(
+            "function {name} is declared to return ({}) but the library returns ({})",
+            names(&declared),
+            names(types)
+        ));
     }
 }
 

@@ -71,7 +71,12 @@ CREATE FUNCTION wrong_once(key text, scope text) RETURNS text
     LANGUAGE c AS :'library', 'idem_once';
 SELECT wrong_once('k', '');
 \echo :LAST_ERROR_SQLSTATE
-DROP FUNCTION wrong_begin(int), wrong_begin(text, jsonb, text, interval, interval), wrong_once(text, text);
+CREATE FUNCTION wrong_get(key text, scope text)
+    RETURNS TABLE (status text, result jsonb, attempt bigint) LANGUAGE c AS :'library', 'idem_get';
+SELECT * FROM wrong_get('k', '');
+\echo :LAST_ERROR_SQLSTATE
+DROP FUNCTION wrong_begin(int), wrong_begin(text, jsonb, text, interval, interval), wrong_once(text, text),
+    wrong_get(text, text);
 DROP TYPE wrong_result;
 -- The result type changed under a running backend is noticed too.
 BEGIN;
