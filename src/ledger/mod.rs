@@ -27,7 +27,7 @@ use pgrx::pg_sys;
 /// the way in by `keys::response`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Response {
-    /// The status code, 100 to 599.
+    /// The status code of a final response, 200 to 599.
     pub status: Option<i32>,
     /// A jsonb object: header name to a string, or to an array of strings.
     pub headers: Option<pg_sys::Datum>,
