@@ -204,7 +204,7 @@ setup() {
     local majors=("$@")
     [ ${#majors[@]} -gt 0 ] || majors=("${PG_MAJORS[@]}")
     link_toolchain
-    local pkgs="postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang sudo pkg-config python3-venv unzip"
+    local pkgs="postgresql-15 postgresql-server-dev-15 postgresql-contrib postgresql-15-cron libclang-dev clang sudo pkg-config python3-venv unzip"
     local missing=""
     for p in $pkgs; do
         dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
