@@ -113,7 +113,7 @@ fn check_headers(headers: pg_sys::Datum, key: &str, scope: &str) {
                 "Header names are tokens: letters, digits and !#$%&'*+-.^_`|~.",
             );
         }
-        if PER_CONNECTION.contains(&name.to_ascii_lowercase().as_slice()) {
+        if PER_CONNECTION.iter().any(|h| name.eq_ignore_ascii_case(h)) {
             invalid(
                 key,
                 scope,
@@ -121,37 +121,27 @@ fn check_headers(headers: pg_sys::Datum, key: &str, scope: &str) {
                 "Leave framing and per-connection headers (content-length, transfer-encoding, connection, ...) out of response_headers.",
             );
         }
-        let check_value = |v: &[u8]| {
-            if !v.iter().all(|&b| is_value_byte(b)) {
-                invalid(
+        // One value: a string of the characters a header value can hold.
+        let check_value = |node| {
+            match node {
+                Node::String(v) if v.iter().all(|&b| is_value_byte(b)) => {}
+                Node::String(_) => invalid(
                     key,
                     scope,
                     format!("response header \"{shown}\" has a character that a header value cannot hold"),
                     "Header values are visible ASCII characters, spaces and tabs; encode others (RFC 8187) first.",
-                );
+                ),
+                _ => invalid(
+                    key,
+                    scope,
+                    format!("response header \"{shown}\" has a value that is not a string"),
+                    HINT,
+                ),
             }
         };
         match value {
-            Node::String(v) => check_value(v),
-            Node::Array(items) => {
-                for item in tree.items(items) {
-                    match item {
-                        Node::String(v) => check_value(v),
-                        _ => invalid(
-                            key,
-                            scope,
-                            format!("response header \"{shown}\" has a value that is not a string"),
-                            HINT,
-                        ),
-                    }
-                }
-            }
-            _ => invalid(
-                key,
-                scope,
-                format!("response header \"{shown}\" has a value that is not a string"),
-                HINT,
-            ),
+            Node::Array(items) => tree.items(items).for_each(check_value),
+            one => check_value(one),
         }
     }
 }

@@ -73,13 +73,13 @@ const READ_KEY: &str = "SELECT CASE \
      AND key OPERATOR(pg_catalog.=) ($2 COLLATE pg_catalog.\"C\") \
      AND (expires_at IS NULL OR expires_at OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp())";
 
-/// The columns of `idem_get`'s result, which `READ_KEY` returns first.
-pub const READ_KEY_COLUMNS: usize = 12;
-
-/// Their types.
-pub const READ_KEY_TYPES: [pg_sys::Oid; READ_KEY_COLUMNS] = [
+/// The types of `idem_get`'s result columns, which `READ_KEY` returns first.
+pub const READ_KEY_TYPES: [pg_sys::Oid; 12] = [
     TEXT, JSONB, INT4, TEXT, TEXT, TSTZ, TSTZ, TSTZ, TSTZ, INT4, JSONB, BYTEA,
 ];
+
+/// How many they are.
+pub const READ_KEY_COLUMNS: usize = READ_KEY_TYPES.len();
 
 #[derive(Clone, Copy)]
 enum Stmt {
