@@ -10,6 +10,10 @@
 # hand-written counterparts are counted the same way, so a pair's counts
 # compare directly.
 #
+# With IDEM_PRELOAD=1 the library is in shared_preload_libraries, so every
+# call also adds to the idem_stats() counters in shared memory (without it
+# counting is skipped): the two runs give what counting costs.
+#
 # Usage: bench/instructions.sh [N] [WORKLOAD ...]   (N defaults to 1000;
 # needs valgrind). Workloads: replay replay_hw job job_hw once upsert
 # fingerprint fingerprint_hw replay_body replay_body_hw job_body
@@ -32,6 +36,11 @@ command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get ins
 chown postgres:postgres "$WORK"
 runuser -u postgres -- "$PG_BIN/initdb" -D "$WORK/data" -U postgres -A trust -E UTF8 --locale=C.UTF-8 >/dev/null
 echo "fsync = off" >> "$WORK/data/postgresql.conf"
+if [ -n "${IDEM_PRELOAD:-}" ]; then
+    version=$(sed -n "s/^default_version = '\(.*\)'/\1/p" "$("$PG_BIN/pg_config" --sharedir)/extension/idempotency.control")
+    echo "shared_preload_libraries = 'idempotency-$version'" >> "$WORK/data/postgresql.conf"
+    echo "idempotency.purge_interval = 0" >> "$WORK/data/postgresql.conf"
+fi
 single() { runuser -u postgres -- "$PG_BIN/postgres" --single -D "$WORK/data" postgres >/dev/null; }
 
 # bench/setup.sql holds multi-line statements, which single-user mode does

@@ -39,7 +39,7 @@ CREATE FUNCTION idem_begin(
     wait interval DEFAULT '0')
 RETURNS idem_begin_result
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.3.0', 'idem_begin';
+AS '$libdir/idempotency-0.4.0', 'idem_begin';
 COMMENT ON FUNCTION idem_begin IS 'Claim an idempotency key: started, completed, failed, in_progress or mismatch';
 
 CREATE FUNCTION idem_finish(
@@ -53,7 +53,7 @@ CREATE FUNCTION idem_finish(
     response_body bytea DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.3.0', 'idem_finish';
+AS '$libdir/idempotency-0.4.0', 'idem_finish';
 COMMENT ON FUNCTION idem_finish IS 'Store the result of a key this transaction (or this token) holds';
 
 CREATE FUNCTION idem_fail(
@@ -68,7 +68,7 @@ CREATE FUNCTION idem_fail(
     response_body bytea DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.3.0', 'idem_fail';
+AS '$libdir/idempotency-0.4.0', 'idem_fail';
 COMMENT ON FUNCTION idem_fail IS 'Release a held key for a retry, or store a permanent failure';
 
 CREATE FUNCTION idem_checkpoint(
@@ -78,13 +78,13 @@ CREATE FUNCTION idem_checkpoint(
     token bigint DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.3.0', 'idem_checkpoint';
+AS '$libdir/idempotency-0.4.0', 'idem_checkpoint';
 COMMENT ON FUNCTION idem_checkpoint IS 'Record a recovery point for a held key and renew its lease';
 
 CREATE FUNCTION idem_once(key text, scope text DEFAULT '')
 RETURNS boolean
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.3.0', 'idem_once';
+AS '$libdir/idempotency-0.4.0', 'idem_once';
 COMMENT ON FUNCTION idem_once IS 'Record a key in the deduplication ledger: true the first time, false after';
 
 -- The upsert helpers run with the caller's privileges (SECURITY INVOKER):
@@ -92,25 +92,25 @@ COMMENT ON FUNCTION idem_once IS 'Record a key in the deduplication ledger: true
 CREATE FUNCTION idem_upsert(target regclass, data jsonb, conflict_columns text[] DEFAULT NULL)
 RETURNS text
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.3.0', 'idem_upsert';
+AS '$libdir/idempotency-0.4.0', 'idem_upsert';
 COMMENT ON FUNCTION idem_upsert IS 'Insert a row, or update the row it conflicts with: inserted, updated or unchanged';
 
 CREATE FUNCTION idem_insert_once(target regclass, data jsonb, conflict_columns text[] DEFAULT NULL)
 RETURNS boolean
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.3.0', 'idem_insert_once';
+AS '$libdir/idempotency-0.4.0', 'idem_insert_once';
 COMMENT ON FUNCTION idem_insert_once IS 'Insert a row unless a conflicting row exists; true if it inserted';
 
 CREATE FUNCTION idem_canonical(value jsonb)
 RETURNS text
 LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
-AS '$libdir/idempotency-0.3.0', 'idem_canonical';
+AS '$libdir/idempotency-0.4.0', 'idem_canonical';
 COMMENT ON FUNCTION idem_canonical IS 'The RFC 8785 canonical JSON text of a value';
 
 CREATE FUNCTION idem_fingerprint(value jsonb)
 RETURNS text
 LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
-AS '$libdir/idempotency-0.3.0', 'idem_fingerprint';
+AS '$libdir/idempotency-0.4.0', 'idem_fingerprint';
 COMMENT ON FUNCTION idem_fingerprint IS 'Lowercase hex SHA-256 of idem_canonical(value)';
 
 -- Read-only, so it works on a hot standby. Shows the committed state (and
@@ -132,37 +132,108 @@ RETURNS TABLE (
     response_headers jsonb,
     response_body bytea)
 LANGUAGE c VOLATILE PARALLEL SAFE ROWS 1
-AS '$libdir/idempotency-0.3.0', 'idem_get';
+AS '$libdir/idempotency-0.4.0', 'idem_get';
 COMMENT ON FUNCTION idem_get IS 'The committed state of a key, or no row when it is unknown, expired or another role''s';
 
 -- Deletes up to batch_size expired keys (NULL: all of them) and returns how
 -- many. Rows another transaction has locked are skipped, never waited for,
--- so a purge does not block idem_begin or idem_finish. Run it from cron or
--- pg_cron; an expired key is unknown to every function even before.
+-- so a purge does not block idem_begin or idem_finish. The purge worker
+-- (when the library is preloaded) runs the same batches; without it, run
+-- this from cron or pg_cron. An expired key is unknown to every function
+-- even before it is purged.
 CREATE FUNCTION idem_purge(batch_size integer DEFAULT 10000)
 RETURNS bigint
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    n bigint;
-BEGIN
-    IF batch_size < 0 THEN
-        RAISE EXCEPTION 'batch_size must not be negative'
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Pass how many expired keys to delete at most, or NULL for all of them.';
-    END IF;
-    WITH gone AS (
-        DELETE FROM idempotency.keys
-         WHERE ctid = ANY (ARRAY(
-                   SELECT ctid FROM idempotency.keys
-                    WHERE expires_at < clock_timestamp()
-                    LIMIT batch_size
-                      FOR UPDATE SKIP LOCKED))
-        RETURNING 1)
-    SELECT count(*) INTO n FROM gone;
-    RETURN n;
-END
-$$;
+AS '$libdir/idempotency-0.4.0', 'idem_purge';
 COMMENT ON FUNCTION idem_purge IS 'Delete up to batch_size expired keys; returns how many';
 REVOKE EXECUTE ON FUNCTION idem_purge FROM PUBLIC;
+
+-- Cluster-wide counters, kept in shared memory when the library is in
+-- shared_preload_libraries (an error otherwise, with what to add). A call
+-- counts when it returns, whether or not its transaction commits.
+-- wait_time is in milliseconds.
+CREATE FUNCTION idem_stats(
+    OUT begin_started bigint,
+    OUT begin_completed bigint,
+    OUT begin_failed bigint,
+    OUT begin_in_progress bigint,
+    OUT begin_mismatch bigint,
+    OUT waits bigint,
+    OUT wait_time double precision,
+    OUT lease_takeovers bigint,
+    OUT stale_tokens bigint,
+    OUT finishes bigint,
+    OUT fails_retryable bigint,
+    OUT fails_final bigint,
+    OUT once_true bigint,
+    OUT once_false bigint,
+    OUT upsert_inserted bigint,
+    OUT upsert_updated bigint,
+    OUT upsert_unchanged bigint,
+    OUT upsert_skipped bigint,
+    OUT insert_once_true bigint,
+    OUT insert_once_false bigint,
+    OUT keys_purged bigint,
+    OUT stats_reset timestamptz)
+RETURNS SETOF record
+LANGUAGE c VOLATILE PARALLEL SAFE ROWS 1
+AS '$libdir/idempotency-0.4.0', 'idem_stats';
+COMMENT ON FUNCTION idem_stats IS 'What the idem_* functions answered since the last reset, cluster-wide';
+
+CREATE FUNCTION idem_stats_reset()
+RETURNS void
+LANGUAGE c VOLATILE PARALLEL UNSAFE
+AS '$libdir/idempotency-0.4.0', 'idem_stats_reset';
+COMMENT ON FUNCTION idem_stats_reset IS 'Zero the counters of idem_stats()';
+REVOKE EXECUTE ON FUNCTION idem_stats_reset FROM PUBLIC;
+
+-- The keys in progress that have a row, with the process of the open
+-- transaction writing the claim (NULL for a lease, held by no process).
+-- One pass over the whole key table. Rows of roles whose privileges the
+-- caller lacks are left out, unless it is a member of pg_read_all_stats.
+CREATE FUNCTION idem_held_keys(
+    OUT scope text,
+    OUT key text,
+    OUT owner text,
+    OUT pid integer,
+    OUT token bigint,
+    OUT locked_until timestamptz,
+    OUT attempt integer,
+    OUT created_at timestamptz)
+RETURNS SETOF record
+LANGUAGE c VOLATILE PARALLEL RESTRICTED
+AS '$libdir/idempotency-0.4.0', 'idem_held_keys';
+COMMENT ON FUNCTION idem_held_keys IS 'Keys in progress that have a row, for the idem_held view';
+
+-- What is held now, for an operator chasing a stuck job. mode:
+--   transaction  a claim row written by an open transaction (pid), or left
+--                in progress by one that committed without finishing
+--                (pid NULL: the next idem_begin takes it over);
+--   lease        a claim that outlives transactions (token, locked_until);
+--   lock         keys claimed in transaction mode by the key lock alone:
+--                they have no row until they are finished, so each backend
+--                shows one line with how many it holds (keys), key NULL.
+-- since: the holder's transaction start, or for a lease when the key was
+-- first claimed.
+CREATE VIEW idem_held AS
+SELECT h.scope, h.key, h.owner,
+       CASE WHEN h.token IS NULL THEN 'transaction' ELSE 'lease' END AS mode,
+       h.pid, h.token, h.attempt, 1::bigint AS keys,
+       CASE WHEN h.token IS NULL AND h.pid IS NOT NULL THEN a.xact_start ELSE h.created_at END AS since,
+       h.locked_until, a.state, a.application_name, a.query
+  FROM @extschema@.idem_held_keys() h
+  LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) h.pid
+UNION ALL
+SELECT NULL, NULL, a.usename::text, 'lock', l.pid, NULL, NULL, pg_catalog.count(*),
+       a.xact_start, NULL, a.state, a.application_name, a.query
+  FROM pg_catalog.pg_locks l
+  JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) l.pid
+ WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'
+   AND l.objsubid OPERATOR(pg_catalog.=) 7648
+   AND l.granted
+   AND l.database OPERATOR(pg_catalog.=) (SELECT oid FROM pg_catalog.pg_database
+                                           WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
+ GROUP BY l.pid, a.usename, a.xact_start, a.state, a.application_name, a.query;
+COMMENT ON VIEW idem_held IS 'Keys in progress now: claim rows and leases by key, keys held by lock alone counted per backend';
+GRANT SELECT ON idem_held TO PUBLIC;

@@ -9,6 +9,10 @@
 //! - `ledger/`: what both ledgers share: key arguments, their tables, the
 //!   dirty-snapshot lookup, the per-key lock, inserts and bounded waits.
 //! - `upsert/`: `idem_upsert` and `idem_insert_once` on the caller's tables.
+//! - `retention/`: expired keys deleted, by `idem_purge` and the purge
+//!   background worker.
+//! - `observability/`: `idem_stats()` counters in shared memory and the
+//!   keys held now.
 //! - `canonical/`: RFC 8785 canonical JSON and SHA-256 fingerprints.
 //! - `pg/`: glue to PostgreSQL: function calls, errors, settings.
 use pgrx::prelude::*;
@@ -16,8 +20,10 @@ use pgrx::prelude::*;
 mod canonical;
 mod keys;
 mod ledger;
+mod observability;
 mod once;
 mod pg;
+mod retention;
 mod upsert;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -35,6 +41,10 @@ pub extern "C-unwind" fn _PG_init() {
     keys::owner::init();
     ledger::tables::init();
     upsert::init();
+    // Only while shared_preload_libraries is processed: shared memory for
+    // the counters, and the purge worker.
+    observability::stats::init();
+    retention::worker::init();
 }
 
 /// Unit tests inside Postgres (`cargo pgrx test`). Each runs in its own

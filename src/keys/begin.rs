@@ -16,11 +16,13 @@ use crate::ledger::statements::{self, Claim};
 use crate::ledger::wait::{sleep_until, wait_for_transaction};
 use crate::ledger::{key_and_scope, Response};
 use crate::ledger::{COMPLETED, FAILED, IN_PROGRESS, RELEASED};
+use crate::observability::stats::{self, Counter};
 use crate::pg::errors::{error, name_key, Code};
 use crate::pg::fmgr::{self, finfo_v1, Args, Signature};
 use crate::pg::relation::check_writable;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use std::cell::Cell;
 
 enum Answer {
     Started {
@@ -115,7 +117,9 @@ pub unsafe extern "C-unwind" fn idem_begin(fcinfo: pg_sys::FunctionCallInfo) -> 
     };
     let fingerprint = args.datum(1).map(fingerprint_of_jsonb);
 
+    WAITED.set(None);
     let answer = begin(&key, &scope, fingerprint, lease.as_ref(), deadline);
+    count(&answer);
 
     let reply = Reply::from(answer);
     let mut values = [pg_sys::Datum::from(0usize); 9];
@@ -142,6 +146,35 @@ pub unsafe extern "C-unwind" fn idem_begin(fcinfo: pg_sys::FunctionCallInfo) -> 
         }
     }
     args.return_row(&RESULT_COLUMNS, &mut values, &mut nulls)
+}
+
+thread_local! {
+    /// Microseconds the current `idem_begin` call has waited, if it waited.
+    static WAITED: Cell<Option<i64>> = const { Cell::new(None) };
+}
+
+/// Runs a wait of `idem_begin`'s and adds how long it took to `WAITED`.
+fn timed<T>(wait: impl FnOnce() -> T) -> T {
+    let start = clock();
+    let out = wait();
+    let took = clock().saturating_sub(start).max(0);
+    WAITED.set(Some(WAITED.get().unwrap_or(0) + took));
+    out
+}
+
+/// Counts the answer (and the wait) in `idem_stats()`.
+fn count(answer: &Answer) {
+    stats::count(match answer {
+        Answer::Started { .. } => Counter::BeginStarted,
+        Answer::Completed { .. } => Counter::BeginCompleted,
+        Answer::Failed { .. } => Counter::BeginFailed,
+        Answer::InProgress { .. } => Counter::BeginInProgress,
+        Answer::Mismatch => Counter::BeginMismatch,
+    });
+    if let Some(waited) = WAITED.get() {
+        stats::count(Counter::Waits);
+        stats::add(Counter::WaitMicros, waited as u64);
+    }
 }
 
 /// One row of `idem_begin_result`: NULL wherever the answer has nothing.
@@ -338,7 +371,7 @@ fn begin(
                     };
                 }
                 // Wait for the lock's holder, then look again holding it.
-                match KeyLock::acquire_until(Space::Keys, scope, key, deadline) {
+                match timed(|| KeyLock::acquire_until(Space::Keys, scope, key, deadline)) {
                     Some(lock) => (lock, probe(scope, key)),
                     None => continue,
                 }
@@ -395,7 +428,7 @@ fn begin(
                         retry_after: None,
                     };
                 }
-                wait_for_transaction(xid, Some(deadline));
+                timed(|| wait_for_transaction(xid, Some(deadline)));
             }
             busy @ Seen::Busy { .. } => {
                 lock.release();
@@ -448,7 +481,7 @@ fn begin(
                             };
                         }
                         let until = row.locked_until.unwrap_or(now).min(deadline);
-                        sleep_until(until.min(now.saturating_add(lease_poll)));
+                        timed(|| sleep_until(until.min(now.saturating_add(lease_poll))));
                         lease_poll = (lease_poll * 2).min(50_000);
                         continue;
                     }
@@ -481,6 +514,11 @@ fn begin(
                 let written = statements::update_claim(&row.tid, scope, key, &claim);
                 lock.release();
                 if let Some(tid) = written {
+                    // A claim of a row left in progress by another holder
+                    // (whose lease ended) takes the key over.
+                    if row.status == IN_PROGRESS && !expired {
+                        stats::count(Counter::LeaseTakeovers);
+                    }
                     return started(scope, key, claim, fingerprint, tid);
                 }
                 // The row changed or went away since the look (READ
@@ -546,7 +584,7 @@ fn answer_busy(
             retry_after: lease_left(&row, now),
         });
     }
-    wait_for_transaction(xid, Some(deadline));
+    timed(|| wait_for_transaction(xid, Some(deadline)));
     None
 }
 

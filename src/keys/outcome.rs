@@ -10,6 +10,7 @@ use crate::ledger::lock::{KeyLock, Space};
 use crate::ledger::probe::{probe, Seen};
 use crate::ledger::statements::{self, Outcome, Tid};
 use crate::ledger::{COMPLETED, FAILED, IN_PROGRESS, RELEASED};
+use crate::observability::stats::{self, Counter};
 use crate::pg::errors::{error, name_key, Code};
 use crate::pg::fmgr::{self, finfo_v1, Args, Signature};
 use crate::pg::relation::check_writable;
@@ -27,6 +28,7 @@ fn not_held(key: &str, scope: &str) -> ! {
 }
 
 fn fenced(key: &str, scope: &str, token: i64) -> ! {
+    stats::count(Counter::StaleTokens);
     error(
         Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
         format!(
@@ -225,6 +227,7 @@ pub unsafe extern "C-unwind" fn idem_finish(fcinfo: pg_sys::FunctionCallInfo) ->
         },
         args.interval(4),
     );
+    stats::count(Counter::Finishes);
     pg_sys::Datum::from(0usize)
 }
 
@@ -256,6 +259,11 @@ pub unsafe extern "C-unwind" fn idem_fail(fcinfo: pg_sys::FunctionCallInfo) -> p
         },
         args.interval(5),
     );
+    stats::count(if status == RELEASED {
+        Counter::FailsRetryable
+    } else {
+        Counter::FailsFinal
+    });
     pg_sys::Datum::from(0usize)
 }
 

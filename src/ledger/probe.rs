@@ -7,7 +7,7 @@
 //! A completed key's replay is answered from this probe alone, with no SQL.
 use super::tables::*;
 use super::Response;
-use crate::pg::relation::{begin_index_scan, Rel, Slot};
+use crate::pg::relation::{begin_index_scan, HeapScan, Rel, Slot};
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
 
@@ -322,5 +322,86 @@ unsafe fn text_of(d: pg_sys::Datum) -> String {
             pgrx::varlena::varsize_any_exhdr(p),
         );
         String::from_utf8_lossy(bytes).into_owned()
+    }
+}
+
+/// A key row in progress, as `in_progress` saw it.
+pub struct InProgress {
+    pub scope: String,
+    pub key: String,
+    pub row: Row,
+    pub created_at: pg_sys::TimestampTz,
+    /// The open transaction writing the claim (None for a committed one,
+    /// a lease's).
+    pub writer: Option<pg_sys::TransactionId>,
+}
+
+/// Every key row with status "in progress" that a dirty snapshot sees, in
+/// one pass over the whole table: committed claims (leases), and claims
+/// other open transactions (or this one) have written but not committed.
+/// A version another transaction is replacing or deleting is left out:
+/// its successor, if any, is seen on its own.
+pub fn in_progress(mut visit: impl FnMut(InProgress)) {
+    let (heap, cat) = open(Which::Keys, pg_sys::AccessShareLock);
+    let table = cat.table(Which::Keys);
+    let mut snapshot = pg_sys::SnapshotData {
+        snapshot_type: pg_sys::SnapshotType::SNAPSHOT_DIRTY,
+        ..Default::default()
+    };
+    // SAFETY: the table is open and locked, and is a heap (the extension
+    // creates it); the scan and the slot live until the end of this block
+    // (the guard ends the scan before the relation is closed). A dirty
+    // snapshot is set, for the tuple just returned, by the visibility test
+    // heap_getnextslot runs (page-at-a-time mode is off for a snapshot that
+    // is not MVCC). Every column read is one `tables` checked.
+    unsafe {
+        let flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN | pg_sys::ScanOptions::SO_ALLOW_STRAT;
+        let scan = HeapScan(pg_sys::heap_beginscan(
+            heap.as_ptr(),
+            &mut snapshot,
+            0,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            flags,
+        ));
+        let slot = Slot::for_table(&heap);
+        while pg_sys::heap_getnextslot(scan.0, pg_sys::ScanDirection::ForwardScanDirection, slot.0)
+        {
+            pgrx::check_for_interrupts!();
+            if snapshot.xmax != pg_sys::InvalidTransactionId {
+                continue;
+            }
+            pg_sys::slot_getallattrs(slot.0);
+            let values = (*slot.0).tts_values;
+            let nulls = (*slot.0).tts_isnull;
+            let status = table.pos(K_STATUS);
+            if *nulls.add(status) || (*values.add(status)).value() as u8 != IN_PROGRESS {
+                continue;
+            }
+            let text = |column: usize| -> String {
+                let i = table.pos(column);
+                if *nulls.add(i) {
+                    String::new()
+                } else {
+                    text_of(*values.add(i))
+                }
+            };
+            let inserting = snapshot.xmin;
+            let own = inserting == pg_sys::InvalidTransactionId && {
+                let mut should_free = false;
+                let tuple = pg_sys::ExecFetchSlotHeapTuple(slot.0, false, &mut should_free);
+                pg_sys::TransactionIdIsCurrentTransactionId(
+                    (*(*tuple).t_data).t_choice.t_heap.t_xmin,
+                )
+            };
+            let created_at = (*values.add(table.pos(K_CREATED_AT))).value() as i64;
+            visit(InProgress {
+                scope: text(K_SCOPE),
+                key: text(K_KEY),
+                row: read_row(slot.0, table, own, false),
+                created_at,
+                writer: (inserting != pg_sys::InvalidTransactionId).then_some(inserting),
+            });
+        }
     }
 }

@@ -4,6 +4,7 @@ use crate::ledger::key_and_scope;
 use crate::ledger::lock::{self, KeyLock, Space};
 use crate::ledger::probe::{probe_once, Recorded};
 use crate::ledger::wait::wait_for_transaction;
+use crate::observability::stats::{self, Counter};
 use crate::pg::fmgr::{finfo_v1, Args, Signature};
 use crate::pg::relation::check_writable;
 use pgrx::pg_sys;
@@ -30,7 +31,13 @@ pub unsafe extern "C-unwind" fn idem_once(fcinfo: pg_sys::FunctionCallInfo) -> p
     let (key, scope) = key_and_scope(&args, 0, 1);
     // SAFETY: reads a backend global.
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
-    pg_sys::Datum::from(record(&scope, &key, now))
+    let new = record(&scope, &key, now);
+    stats::count(if new {
+        Counter::OnceTrue
+    } else {
+        Counter::OnceFalse
+    });
+    pg_sys::Datum::from(new)
 }
 
 /// As INSERT ... ON CONFLICT DO NOTHING would, without running SQL: the key

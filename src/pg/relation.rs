@@ -215,6 +215,20 @@ impl Drop for IndexScan {
     }
 }
 
+/// A heap scan, ended when dropped.
+pub struct HeapScan(pub pg_sys::TableScanDesc);
+
+impl Drop for HeapScan {
+    fn drop(&mut self) {
+        if unwinding() {
+            return;
+        }
+        // SAFETY: the scan was begun by heap_beginscan for the owner of this
+        // guard and is ended once, before its relation is closed.
+        unsafe { pg_sys::heap_endscan(self.0) }
+    }
+}
+
 /// An SPI connection, finished when dropped.
 pub struct Spi(());
 

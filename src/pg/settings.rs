@@ -20,6 +20,20 @@ static MAX_KEY_LENGTH: GucSetting<i32> = GucSetting::<i32>::new(255);
 /// `idem_insert_once` (and the most tables it keeps described).
 static UPSERT_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
+/// How often the purge worker purges every database, in seconds; 0 stops it.
+static PURGE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
+
+/// How many expired keys one purge transaction deletes at most.
+static PURGE_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+/// The pause between two batches of a purge, in milliseconds.
+static PURGE_DELAY: GucSetting<i32> = GucSetting::<i32>::new(10);
+
+/// The databases the purge worker visits: a comma-separated list of names,
+/// or empty for every database that accepts connections.
+static PURGE_DATABASES: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(None);
+
 /// The largest value `idempotency.max_key_length` takes: with four bytes a
 /// character, scope and key together still fit a btree index entry.
 pub const MAX_KEY_LENGTH_LIMIT: i32 = 320;
@@ -27,15 +41,23 @@ pub const MAX_KEY_LENGTH_LIMIT: i32 = 320;
 const TTL: usize = 0;
 const MAX_KEY: usize = 1;
 const CACHE: usize = 2;
-const NAMES: [&CStr; 3] = [
+const INTERVAL: usize = 3;
+const BATCH: usize = 4;
+const DELAY: usize = 5;
+const DATABASES: usize = 6;
+const NAMES: [&CStr; 7] = [
     c"idempotency.ttl",
     c"idempotency.max_key_length",
     c"idempotency.upsert_cache_size",
+    c"idempotency.purge_interval",
+    c"idempotency.purge_batch_size",
+    c"idempotency.purge_delay",
+    c"idempotency.purge_databases",
 ];
 
 thread_local! {
     /// Which settings another version's library defined in this backend.
-    static BORROWED: [Cell<bool>; 3] = const { [const { Cell::new(false) }; 3] };
+    static BORROWED: [Cell<bool>; 7] = const { [const { Cell::new(false) }; 7] };
 }
 
 /// Whether a library loaded earlier defined the setting (a placeholder, made
@@ -51,19 +73,27 @@ fn defined_elsewhere(name: &CStr) -> bool {
     }
 }
 
-fn get(which: usize, own: &GucSetting<i32>) -> i32 {
+/// The value the other library keeps: its text, copied here before any
+/// other setting call can reuse the buffer.
+fn borrowed(which: usize) -> Option<String> {
     if !BORROWED.with(|b| b[which].get()) {
-        return own.get();
+        return None;
     }
-    // SAFETY: the setting exists (defined by the other library); an integer
-    // setting's value is its decimal text, copied here before any other
-    // setting call can reuse the buffer.
-    let text = unsafe {
+    // SAFETY: the setting exists (defined by the other library), so
+    // GetConfigOption returns its value as a NUL-terminated string.
+    Some(unsafe {
         CStr::from_ptr(pg_sys::GetConfigOption(NAMES[which].as_ptr(), false, false))
             .to_string_lossy()
             .into_owned()
-    };
-    text.parse().unwrap_or_else(|_| own.get())
+    })
+}
+
+fn get(which: usize, own: &GucSetting<i32>) -> i32 {
+    match borrowed(which) {
+        // An integer setting's value is its decimal text, without a unit.
+        Some(text) => text.parse().unwrap_or_else(|_| own.get()),
+        None => own.get(),
+    }
 }
 
 /// How long a finished key is kept, in seconds.
@@ -81,9 +111,49 @@ pub fn upsert_cache_size() -> i32 {
     get(CACHE, &UPSERT_CACHE_SIZE)
 }
 
+/// How often the purge worker runs, in seconds (0: it does not).
+pub fn purge_interval() -> i32 {
+    get(INTERVAL, &PURGE_INTERVAL)
+}
+
+/// The most keys one purge transaction deletes.
+pub fn purge_batch_size() -> i32 {
+    get(BATCH, &PURGE_BATCH_SIZE)
+}
+
+/// The pause between two purge batches, in milliseconds.
+pub fn purge_delay() -> i32 {
+    get(DELAY, &PURGE_DELAY)
+}
+
+/// The databases named by `idempotency.purge_databases`, or None for
+/// every database.
+pub fn purge_databases() -> Option<Vec<String>> {
+    let text = borrowed(DATABASES).unwrap_or_else(|| {
+        PURGE_DATABASES
+            .get()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    let names: Vec<String> = text
+        .split(',')
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect();
+    (!names.is_empty()).then_some(names)
+}
+
 pub fn init() {
     // In the order of NAMES.
-    let define: [fn(); 3] = [define_ttl, define_max_key_length, define_upsert_cache_size];
+    let define: [fn(); 7] = [
+        define_ttl,
+        define_max_key_length,
+        define_upsert_cache_size,
+        define_purge_interval,
+        define_purge_batch_size,
+        define_purge_delay,
+        define_purge_databases,
+    ];
     for (i, name) in NAMES.iter().enumerate() {
         let elsewhere = defined_elsewhere(name);
         BORROWED.with(|b| b[i].set(elsewhere));
@@ -128,6 +198,60 @@ fn define_upsert_cache_size() {
         1,
         1_000_000,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+}
+
+// The purge worker's settings are read by the worker, which rereads
+// postgresql.conf on SIGHUP (pg_reload_conf()); they cannot be set per
+// session.
+
+fn define_purge_interval() {
+    GucRegistry::define_int_guc(
+        NAMES[INTERVAL],
+        c"How often the idempotency purge worker deletes expired keys in every database.",
+        c"0 stops it; idem_purge() still works. The worker runs only when the library is in shared_preload_libraries.",
+        &PURGE_INTERVAL,
+        0,
+        i32::MAX / 1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+}
+
+fn define_purge_batch_size() {
+    GucRegistry::define_int_guc(
+        NAMES[BATCH],
+        c"The most expired keys one transaction of the purge worker deletes.",
+        c"Each batch commits on its own, so locks and undo stay small.",
+        &PURGE_BATCH_SIZE,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
+
+fn define_purge_delay() {
+    GucRegistry::define_int_guc(
+        NAMES[DELAY],
+        c"The pause between two batches of the idempotency purge worker.",
+        c"Spreads a large purge out, leaving the disk and CPU to the jobs beside it.",
+        &PURGE_DELAY,
+        0,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+}
+
+fn define_purge_databases() {
+    GucRegistry::define_string_guc(
+        NAMES[DATABASES],
+        c"The databases the idempotency purge worker visits, separated by commas.",
+        c"Empty: every database that accepts connections and is not a template. Databases without the extension are skipped.",
+        &PURGE_DATABASES,
+        GucContext::Sighup,
         GucFlags::default(),
     );
 }

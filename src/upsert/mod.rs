@@ -1,5 +1,6 @@
 //! `idem_upsert` and `idem_insert_once`: retry-safe writes to the caller's
 //! own tables, with the caller's privileges.
+use crate::observability::stats::{self, Counter};
 use crate::pg::errors::{error, Code};
 use crate::pg::fmgr::{finfo_v1, Args, Signature};
 use crate::pg::relation::{self, Spi};
@@ -349,6 +350,11 @@ pub unsafe extern "C-unwind" fn idem_upsert(fcinfo: pg_sys::FunctionCallInfo) ->
         None
     });
     if let Some(answer) = answer {
+        stats::count(match answer {
+            "updated" => Counter::UpsertUpdated,
+            "unchanged" => Counter::UpsertUnchanged,
+            _ => Counter::UpsertInserted,
+        });
         return answer.into_datum().expect("text datum");
     }
     let name = &call.target.name;
@@ -370,7 +376,10 @@ pub unsafe extern "C-unwind" fn idem_upsert(fcinfo: pg_sys::FunctionCallInfo) ->
         ))
         .hint("INSERT ... ON CONFLICT DO UPDATE fails the same way; let the policies show this role the rows it may upsert.")
         .raise(),
-        nothing::Cause::Skipped => "skipped".into_datum().expect("text datum"),
+        nothing::Cause::Skipped => {
+            stats::count(Counter::UpsertSkipped);
+            "skipped".into_datum().expect("text datum")
+        }
         nothing::Cause::Concurrent => error(
             Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
             format!("could not upsert into {name}: the row kept changing"),
@@ -394,5 +403,10 @@ pub unsafe extern "C-unwind" fn idem_insert_once(
     let args = unsafe { Args::new(fcinfo, &INSERT_ONCE) };
     let call = prepare_call(&args, "idem_insert_once");
     let inserted = with_spi(|| run(&call, Kind::Insert)) == 1;
+    stats::count(if inserted {
+        Counter::InsertOnceTrue
+    } else {
+        Counter::InsertOnceFalse
+    });
     pg_sys::Datum::from(inserted)
 }

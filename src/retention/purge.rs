@@ -1,0 +1,67 @@
+//! `idem_purge`: deletes expired keys, a batch at a time. The background
+//! worker (`worker.rs`) runs the same batches.
+use crate::observability::stats::{self, Counter};
+use crate::pg::errors::{error, Code};
+use crate::pg::fmgr::{finfo_v1, Args, Signature};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+/// Deletes up to $1 expired keys (NULL: all) and counts them. Rows another
+/// transaction has locked (a key being claimed again, finished, or already
+/// being purged) are skipped, never waited for; the row lock taken here
+/// makes a claim that comes after it wait for this delete (and then find
+/// no row). Every name and operator is qualified: the worker runs it with
+/// the database's default search_path.
+const DELETE_EXPIRED: &str = "WITH gone AS (
+    DELETE FROM idempotency.keys
+     WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(
+               SELECT ctid FROM idempotency.keys
+                WHERE expires_at OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp()
+                LIMIT $1
+                  FOR UPDATE SKIP LOCKED))
+    RETURNING 1)
+SELECT pg_catalog.count(*) FROM gone";
+
+/// One batch: deletes up to `limit` expired keys (None: all) in the
+/// current transaction; returns how many.
+pub fn batch(limit: Option<i64>) -> i64 {
+    // `update`: a statement that writes, run with a new snapshot (SPI's
+    // read-only mode would refuse the DELETE).
+    let n = Spi::connect_mut(|client| {
+        client
+            .update(DELETE_EXPIRED, None, &[limit.into()])?
+            .first()
+            .get_one::<i64>()
+    })
+    .unwrap_or_else(|e| pgrx::error!("could not purge expired keys: {e}"))
+    .unwrap_or(0);
+    stats::add(Counter::KeysPurged, n as u64);
+    n
+}
+
+finfo_v1!(pg_finfo_idem_purge);
+
+const SIGNATURE: Signature = Signature {
+    name: "idem_purge",
+    args: &[pg_sys::INT4OID],
+    result: Some(pg_sys::INT8OID),
+};
+
+/// `idem_purge(batch_size)`: SECURITY DEFINER in SQL, so it deletes every
+/// role's expired keys as the extension's owner.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn idem_purge(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: Postgres calls this with the call info of idem_purge.
+    let args = unsafe { Args::new(fcinfo, &SIGNATURE) };
+    let limit = args.i32(0);
+    if limit.is_some_and(|n| n < 0) {
+        error(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            "batch_size must not be negative",
+        )
+        .hint("Pass how many expired keys to delete at most, or NULL for all of them.")
+        .raise();
+    }
+    pg_sys::Datum::from(batch(limit.map(i64::from)))
+}

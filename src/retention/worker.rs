@@ -1,0 +1,252 @@
+//! The purge worker: expired keys deleted on a schedule, with no scheduler
+//! on the application's side. Started when the library is in
+//! `shared_preload_libraries`.
+//!
+//! A launcher, connected to no database (it reads only the shared catalog
+//! `pg_database`), wakes every `idempotency.purge_interval` and visits the
+//! databases one at a time: for each it starts a short-lived worker
+//! connected to that database and waits for it to end. That worker purges
+//! only where this very version of the extension is installed (another
+//! version's tables may differ), in batches of
+//! `idempotency.purge_batch_size`, each its own transaction, pausing
+//! `idempotency.purge_delay` between them. No worker stays connected to a
+//! database between rounds (DROP DATABASE is not kept waiting), and
+//! templates are never visited (CREATE DATABASE copies them only while no
+//! one is connected).
+use crate::pg::settings;
+use crate::retention::purge;
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::time::{Duration, Instant};
+
+/// The library file of this version (see `sql/functions.sql`).
+const LIBRARY: &str = concat!("idempotency-", env!("CARGO_PKG_VERSION"));
+
+/// The launcher's name and type in `pg_stat_activity`.
+pub const LAUNCHER: &str = "idempotency purge launcher";
+/// A database worker's type in `pg_stat_activity`.
+pub const PURGE: &str = "idempotency purge";
+
+/// From `_PG_init`: registers the launcher when the library is being
+/// preloaded (a background worker can only be registered then); does
+/// nothing otherwise.
+pub fn init() {
+    // SAFETY: reads a global that is set while shared_preload_libraries is
+    // being processed.
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    BackgroundWorkerBuilder::new(LAUNCHER)
+        .set_type(LAUNCHER)
+        .set_library(LIBRARY)
+        .set_function("idem_purge_launcher")
+        .enable_spi_access()
+        // Not on a standby (nothing can be deleted there): it starts when
+        // the server accepts writes, as after a promotion.
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        // Back 10 s after it ends with an error or is terminated.
+        .set_restart_time(Some(Duration::from_secs(10)))
+        .load();
+}
+
+/// The launcher's main function.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn idem_purge_launcher(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // No database: pg_database is a shared catalog.
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    let mut last_round: Option<Instant> = None;
+    loop {
+        let interval = settings::purge_interval();
+        let every = Duration::from_secs(interval.max(0) as u64);
+        let due = interval > 0 && last_round.is_none_or(|t| t.elapsed() >= every);
+        if due {
+            last_round = Some(Instant::now());
+            round();
+        }
+        // Sleep until the next round; with the worker off, until a reload
+        // turns it on.
+        let sleep = match last_round {
+            Some(t) if interval > 0 => every.saturating_sub(t.elapsed()),
+            _ if interval > 0 => Duration::ZERO,
+            _ => Duration::from_secs(3600),
+        };
+        if !BackgroundWorker::wait_latch(Some(sleep.max(Duration::from_millis(1)))) {
+            // Terminated (pg_terminate_backend, or the server is stopping:
+            // then it is not started again), or the postmaster died. A
+            // non-zero exit has the postmaster start it again after its
+            // restart time while the server runs.
+            // SAFETY: ends this process as PostgreSQL expects.
+            unsafe { pg_sys::proc_exit(1) };
+        }
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: rereads postgresql.conf outside any transaction, as a
+            // background worker does on SIGHUP.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+    }
+}
+
+/// A database the launcher may visit.
+struct Database {
+    oid: pg_sys::Oid,
+    name: String,
+}
+
+/// Every database that accepts connections and is not a template (nor
+/// half-dropped).
+fn databases() -> Vec<Database> {
+    BackgroundWorker::transaction(|| {
+        let mut found = Vec::new();
+        // SAFETY: in a transaction, pg_database is locked (AccessShare) and
+        // opened, scanned with a catalog snapshot, and closed; each tuple is
+        // a pg_database row (GETSTRUCT gives its fixed part), read before
+        // the next one is fetched. The scan and relation are released in
+        // the order they were taken; an error aborts the transaction, which
+        // releases both.
+        unsafe {
+            let rel =
+                pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as i32);
+            let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+            loop {
+                let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+                if tuple.is_null() {
+                    break;
+                }
+                let form = &*(pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_database);
+                // datconnlimit -2: a database whose DROP was interrupted.
+                if !form.datallowconn || form.datistemplate || form.datconnlimit == -2 {
+                    continue;
+                }
+                found.push(Database {
+                    oid: form.oid,
+                    name: std::ffi::CStr::from_ptr(form.datname.data.as_ptr())
+                        .to_string_lossy()
+                        .into_owned(),
+                });
+            }
+            pg_sys::heap_endscan(scan);
+            pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+        }
+        found
+    })
+}
+
+/// One round: a worker for each database chosen, one after the other.
+fn round() {
+    let chosen = settings::purge_databases();
+    for db in databases() {
+        if chosen
+            .as_ref()
+            .is_some_and(|names| !names.contains(&db.name))
+        {
+            continue;
+        }
+        // SAFETY: reads a backend global.
+        let me = unsafe { pg_sys::MyProcPid };
+        let started = BackgroundWorkerBuilder::new(&format!("{PURGE} of database {}", db.name))
+            .set_type(PURGE)
+            .set_library(LIBRARY)
+            .set_function("idem_purge_database")
+            .set_argument(Some(pg_sys::Datum::from(db.oid.to_u32())))
+            .enable_spi_access()
+            .set_restart_time(None)
+            .set_notify_pid(me)
+            .load_dynamic();
+        match started {
+            // Its errors are in the server log, under its own name.
+            Ok(worker) => {
+                let _ = worker.wait_for_shutdown();
+            }
+            Err(_) => {
+                warning!(
+                    "idempotency purge launcher could not start a worker for database \"{}\"",
+                    db.name
+                );
+                // No free slot (max_worker_processes): try again next round.
+                return;
+            }
+        }
+    }
+}
+
+/// A database worker's main function: purges the database whose OID is
+/// its argument, then exits.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn idem_purge_database(arg: pg_sys::Datum) {
+    // SIGTERM (a fast shutdown, pg_terminate_backend) ends it at the next
+    // interrupt check, even in the middle of a batch, which then rolls back.
+    // SAFETY: installs the handler, then lets signals in, as a background
+    // worker must before it connects.
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(terminate));
+        #[cfg(feature = "pg18")]
+        pg_sys::pqsignal_be(pg_sys::SIGTERM as i32, Some(terminate));
+        pg_sys::BackgroundWorkerUnblockSignals();
+    }
+    let oid = pg_sys::Oid::from(arg.value() as u32);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(oid), None);
+    let version = BackgroundWorker::transaction(|| {
+        Spi::get_one::<String>(
+            "SELECT extversion FROM pg_catalog.pg_extension \
+             WHERE extname OPERATOR(pg_catalog.=) 'idempotency'",
+        )
+    });
+    match version {
+        Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {}
+        Ok(Some(v)) => {
+            debug1!(
+                "idempotency purge: skipped, version {v} is installed here, not {}",
+                env!("CARGO_PKG_VERSION")
+            );
+            return;
+        }
+        _ => return,
+    }
+    let batch = i64::from(settings::purge_batch_size());
+    let delay = settings::purge_delay();
+    let mut purged = 0;
+    loop {
+        let n = BackgroundWorker::transaction(|| purge::batch(Some(batch)));
+        purged += n;
+        if n < batch {
+            break;
+        }
+        if delay > 0 {
+            // SAFETY: waits on this process's latch, which is reset before
+            // it is used again; interrupts (SIGTERM) are handled after.
+            unsafe {
+                pg_sys::WaitLatch(
+                    pg_sys::MyLatch,
+                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                        as i32,
+                    delay as _,
+                    pg_sys::PG_WAIT_EXTENSION,
+                );
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+            }
+        }
+        pgrx::check_for_interrupts!();
+    }
+    debug1!("idempotency purge: {purged} expired keys deleted");
+}
+
+/// SIGTERM in a database worker: what PostgreSQL's `die` does in a backend,
+/// so the next interrupt check ends the process with a FATAL "terminating
+/// background worker" (rolling back a batch under way).
+unsafe extern "C-unwind" fn terminate(_signal: std::ffi::c_int) {
+    // SAFETY: only flags that PostgreSQL's interrupt checks read, written
+    // as sig_atomic_t, and the process latch, which SetLatch may set from a
+    // signal handler.
+    unsafe {
+        (&raw mut pg_sys::ProcDiePending).write_volatile(1);
+        (&raw mut pg_sys::InterruptPending).write_volatile(1);
+        pg_sys::SetLatch(pg_sys::MyLatch);
+    }
+}
