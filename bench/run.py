@@ -292,7 +292,60 @@ def section_9(mode, cfg):
     )
 
 
-SECTIONS = [section_1, section_2, section_3, section_4, section_5, section_6, section_7, section_8, section_9]
+def restart(preload):
+    """Restarts the server with the library in shared_preload_libraries (so
+    that every call counts in idem_stats(); the purge worker stays off) or
+    without it (counting is skipped)."""
+    version = psql("SELECT default_version FROM pg_available_extensions WHERE name = 'idempotency'")
+    libraries = f"idempotency-{version}" if preload else ""
+    # LOAD defines the extension's settings in this session, so that
+    # ALTER SYSTEM knows them.
+    # (SET to '' would name one library with an empty name: RESET.)
+    psql(f"LOAD 'idempotency-{version}';\n"
+         + (f"ALTER SYSTEM SET shared_preload_libraries = '{libraries}';\n" if preload
+            else "ALTER SYSTEM RESET shared_preload_libraries;\n")
+         + "ALTER SYSTEM SET idempotency.purge_interval = 0")
+    subprocess.run(["runuser", "-u", "postgres", "--", os.path.join(os.environ["IDEM_PG_BIN"], "pg_ctl"),
+                    "-D", os.environ["IDEM_BENCH_DATA"], "-l", os.environ["IDEM_BENCH_LOG"], "-w", "restart"],
+                   check=True, capture_output=True)
+    assert psql("SHOW shared_preload_libraries").strip('"') == libraries
+
+
+def section_10(mode, cfg):
+    """What counting costs: job and replay with the library preloaded
+    (counting) and without (not counting), on the same server restarted."""
+    if "IDEM_BENCH_DATA" not in os.environ:
+        print("\n### 10. Counting in idem_stats()\n\nskipped: needs scripts/bench (it restarts the server)")
+        return []
+    load_replay_keys(100_000)
+    workloads = {"job": "job_ours.sql", "replay": "replay_ours.sql"}
+    results = {(w, p): [] for w in workloads for p in (False, True)}
+    for r in range(cfg["rounds"]):
+        order = [False, True] if r % 2 == 0 else [True, False]
+        for preload in order:
+            restart(preload)
+            for name, script in workloads.items():
+                if name == "job":
+                    reset_business()
+                results[(name, preload)].append(pgbench(script, cfg["seconds"], cfg["clients"]))
+    restart(False)
+    print("\n### 10. Counting in idem_stats()\n")
+    print(f"{cfg['clients']} clients, {cfg['rounds']} rounds of {cfg['seconds']} s per variant; the server is "
+          "restarted with or without the library preloaded before each variant (order reversed every other "
+          "round); medians of the rounds\n")
+    print("| workload | not preloaded tps | preloaded (counting) tps | counting / not, per round |")
+    print("| --- | ---: | ---: | --- |")
+    for name in workloads:
+        off, on = results[(name, False)], results[(name, True)]
+        per_round = [b[0] / a[0] for a, b in zip(off, on)]
+        print(f"| {name} | {statistics.median(x[0] for x in off):,.0f} | "
+              f"{statistics.median(x[0] for x in on):,.0f} | median {statistics.median(per_round):.2f} "
+              f"({', '.join(f'{x:.2f}' for x in per_round)}) |")
+    return []
+
+
+SECTIONS = [section_1, section_2, section_3, section_4, section_5, section_6, section_7, section_8, section_9,
+            section_10]
 
 
 def main():
