@@ -252,6 +252,11 @@ setup() {
 # it there.
 install_extension() {
     say "building and installing the extension for PostgreSQL $IDEM_PG"
+    # cargo pgrx install copies over the library file in place, which would
+    # pull the code from under a running server that loaded it (a preloaded
+    # library is mapped by every process): unlink it first, so that running
+    # processes keep the old file and new ones load the new.
+    rm -f "$("$PG_CONFIG" --pkglibdir)/idempotency-$(current_version).so"
     (cd "$ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" \
         --no-default-features --features "pg$IDEM_PG" >/dev/null)
 }

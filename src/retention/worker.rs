@@ -181,22 +181,21 @@ fn round() {
 pub extern "C-unwind" fn idem_purge_database(arg: pg_sys::Datum) {
     // SIGTERM (a fast shutdown, pg_terminate_backend) ends it at the next
     // interrupt check, even in the middle of a batch, which then rolls back.
-    // SAFETY: installs the handler, then lets signals in, as a background
-    // worker must before it connects.
-    unsafe {
-        #[cfg(not(feature = "pg18"))]
-        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(terminate));
-        #[cfg(feature = "pg18")]
-        pg_sys::pqsignal_be(pg_sys::SIGTERM as i32, Some(terminate));
-        pg_sys::BackgroundWorkerUnblockSignals();
-    }
+    crate::pg::process::die_on_sigterm();
     let oid = pg_sys::Oid::from(arg.value() as u32);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(oid), None);
-    let version = BackgroundWorker::transaction(|| {
-        Spi::get_one::<String>(
+    // The extension's version here, and whether this database's sessions
+    // are read-only (ALTER DATABASE ... SET default_transaction_read_only):
+    // a purge there would fail every round, so it is left alone.
+    let (version, read_only) = BackgroundWorker::transaction(|| {
+        let version = Spi::get_one::<String>(
             "SELECT extversion FROM pg_catalog.pg_extension \
              WHERE extname OPERATOR(pg_catalog.=) 'idempotency'",
-        )
+        );
+        let read_only = Spi::get_one::<bool>(
+            "SELECT pg_catalog.current_setting('default_transaction_read_only')::pg_catalog.bool",
+        );
+        (version, read_only)
     });
     match version {
         Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {}
@@ -208,6 +207,10 @@ pub extern "C-unwind" fn idem_purge_database(arg: pg_sys::Datum) {
             return;
         }
         _ => return,
+    }
+    if read_only != Ok(Some(false)) {
+        debug1!("idempotency purge: skipped, default_transaction_read_only is on here");
+        return;
     }
     let batch = i64::from(settings::purge_batch_size());
     let delay = settings::purge_delay();
@@ -235,18 +238,4 @@ pub extern "C-unwind" fn idem_purge_database(arg: pg_sys::Datum) {
         pgrx::check_for_interrupts!();
     }
     debug1!("idempotency purge: {purged} expired keys deleted");
-}
-
-/// SIGTERM in a database worker: what PostgreSQL's `die` does in a backend,
-/// so the next interrupt check ends the process with a FATAL "terminating
-/// background worker" (rolling back a batch under way).
-unsafe extern "C-unwind" fn terminate(_signal: std::ffi::c_int) {
-    // SAFETY: only flags that PostgreSQL's interrupt checks read, written
-    // as sig_atomic_t, and the process latch, which SetLatch may set from a
-    // signal handler.
-    unsafe {
-        (&raw mut pg_sys::ProcDiePending).write_volatile(1);
-        (&raw mut pg_sys::InterruptPending).write_volatile(1);
-        pg_sys::SetLatch(pg_sys::MyLatch);
-    }
 }
