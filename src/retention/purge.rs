@@ -23,20 +23,19 @@ const DELETE_EXPIRED: &str = "WITH gone AS (
 SELECT pg_catalog.count(*) FROM gone";
 
 /// One batch: deletes up to `limit` expired keys (None: all) in the
-/// current transaction; returns how many.
+/// current transaction; returns how many. The caller counts them in
+/// `idem_stats()`.
 pub fn batch(limit: Option<i64>) -> i64 {
     // `update`: a statement that writes, run with a new snapshot (SPI's
     // read-only mode would refuse the DELETE).
-    let n = Spi::connect_mut(|client| {
+    Spi::connect_mut(|client| {
         client
             .update(DELETE_EXPIRED, None, &[limit.into()])?
             .first()
             .get_one::<i64>()
     })
     .unwrap_or_else(|e| pgrx::error!("could not purge expired keys: {e}"))
-    .unwrap_or(0);
-    stats::add(Counter::KeysPurged, n as u64);
-    n
+    .unwrap_or(0)
 }
 
 finfo_v1!(pg_finfo_idem_purge);
@@ -63,5 +62,8 @@ pub unsafe extern "C-unwind" fn idem_purge(fcinfo: pg_sys::FunctionCallInfo) -> 
         .hint("Pass how many expired keys to delete at most, or NULL for all of them.")
         .raise();
     }
-    pg_sys::Datum::from(batch(limit.map(i64::from)))
+    let n = batch(limit.map(i64::from));
+    // Counted when the call returns, as every call is.
+    stats::add(Counter::KeysPurged, n as u64);
+    pg_sys::Datum::from(n)
 }

@@ -9,10 +9,12 @@
 //! only where this very version of the extension is installed (another
 //! version's tables may differ), in batches of
 //! `idempotency.purge_batch_size`, each its own transaction, pausing
-//! `idempotency.purge_delay` between them. No worker stays connected to a
-//! database between rounds (DROP DATABASE is not kept waiting), and
-//! templates are never visited (CREATE DATABASE copies them only while no
-//! one is connected).
+//! `idempotency.purge_delay` between them, for 2 s at most (a longer
+//! backlog is taken up again after a short pause rather than at the next
+//! interval). No worker stays in a database long enough to make DROP
+//! DATABASE fail, and templates are never visited (CREATE DATABASE copies
+//! them only while no one is connected).
+use crate::observability::stats::{self, Counter};
 use crate::pg::settings;
 use crate::retention::purge;
 use pgrx::bgworkers::{
@@ -24,6 +26,18 @@ use std::time::{Duration, Instant};
 
 /// The library file of this version (see `sql/functions.sql`).
 const LIBRARY: &str = concat!("idempotency-", env!("CARGO_PKG_VERSION"));
+
+/// The longest a worker stays in a database: it then leaves after the
+/// batch under way. DROP DATABASE (and CREATE DATABASE from it as a
+/// template) waits 5 s for other sessions to leave, and signals only
+/// autovacuum's workers; a visit shorter than that, with a pause after it,
+/// never makes it fail.
+const VISIT: Duration = Duration::from_secs(2);
+
+/// After a visit cut short by `VISIT`, the pause before the next round
+/// (which then comes at once, so that a backlog is purged at full speed):
+/// longer than DROP DATABASE's 100 ms between looks.
+const BACKLOG_PAUSE: Duration = Duration::from_millis(500);
 
 /// The launcher's name and type in `pg_stat_activity`.
 pub const LAUNCHER: &str = "idempotency purge launcher";
@@ -64,13 +78,18 @@ pub extern "C-unwind" fn idem_purge_launcher(_arg: pg_sys::Datum) {
         let interval = settings::purge_interval();
         let every = Duration::from_secs(interval.max(0) as u64);
         let due = interval > 0 && last_round.is_none_or(|t| t.elapsed() >= every);
+        let mut backlog = false;
         if due {
             last_round = Some(Instant::now());
-            round();
+            backlog = round();
         }
         // Sleep until the next round; with the worker off, until a reload
         // turns it on.
         let sleep = match last_round {
+            _ if backlog && interval > 0 => {
+                last_round = None;
+                BACKLOG_PAUSE
+            }
             Some(t) if interval > 0 => every.saturating_sub(t.elapsed()),
             _ if interval > 0 => Duration::ZERO,
             _ => Duration::from_secs(3600),
@@ -137,7 +156,10 @@ fn databases() -> Vec<Database> {
 }
 
 /// One round: a worker for each database chosen, one after the other.
-fn round() {
+/// True when a visit lasted `VISIT` or more: expired keys are probably
+/// left behind.
+fn round() -> bool {
+    let mut backlog = false;
     let chosen = settings::purge_databases();
     for db in databases() {
         if chosen
@@ -160,7 +182,9 @@ fn round() {
         match started {
             // Its errors are in the server log, under its own name.
             Ok(worker) => {
+                let visit = Instant::now();
                 let _ = worker.wait_for_shutdown();
+                backlog |= visit.elapsed() >= VISIT;
             }
             Err(_) => {
                 warning!(
@@ -168,10 +192,11 @@ fn round() {
                     db.name
                 );
                 // No free slot (max_worker_processes): try again next round.
-                return;
+                return backlog;
             }
         }
     }
+    backlog
 }
 
 /// A database worker's main function: purges the database whose OID is
@@ -214,11 +239,14 @@ pub extern "C-unwind" fn idem_purge_database(arg: pg_sys::Datum) {
     }
     let batch = i64::from(settings::purge_batch_size());
     let delay = settings::purge_delay();
+    let started = Instant::now();
     let mut purged = 0;
     loop {
         let n = BackgroundWorker::transaction(|| purge::batch(Some(batch)));
+        // Counted once committed: a batch cut short by SIGTERM deleted nothing.
+        stats::add(Counter::KeysPurged, n as u64);
         purged += n;
-        if n < batch {
+        if n < batch || started.elapsed() >= VISIT {
             break;
         }
         if delay > 0 {
