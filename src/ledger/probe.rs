@@ -9,7 +9,7 @@ use super::tables::*;
 use super::Response;
 use crate::pg::relation::{begin_index_scan, HeapScan, Rel, Slot};
 use pgrx::pg_sys;
-use pgrx::IntoDatum;
+use pgrx::{IntoDatum, PgMemoryContexts};
 
 /// A key's row as the probe saw it.
 #[derive(Debug)]
@@ -348,12 +348,16 @@ pub fn in_progress(mut visit: impl FnMut(InProgress)) {
         snapshot_type: pg_sys::SnapshotType::SNAPSHOT_DIRTY,
         ..Default::default()
     };
+    // What one row needs (a detoasted fingerprint, the visitor's datums) is
+    // freed before the next: a table of many claims is read in constant
+    // memory.
+    let mut row_memory = PgMemoryContexts::new("idempotency in-progress row");
     // SAFETY: the table is open and locked, and is a heap (the extension
     // creates it); the scan and the slot live until the end of this block
     // (the guard ends the scan before the relation is closed). A dirty
     // snapshot is set, for the tuple just returned, by the visibility test
     // heap_getnextslot runs (page-at-a-time mode is off for a snapshot that
-    // is not MVCC). Every column read is one `tables` checked.
+    // is not MVCC). The tuple is the slot's, valid until the next fetch.
     unsafe {
         let flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN | pg_sys::ScanOptions::SO_ALLOW_STRAT;
         let scan = HeapScan(pg_sys::heap_beginscan(
@@ -371,37 +375,95 @@ pub fn in_progress(mut visit: impl FnMut(InProgress)) {
             if snapshot.xmax != pg_sys::InvalidTransactionId {
                 continue;
             }
-            pg_sys::slot_getallattrs(slot.0);
-            let values = (*slot.0).tts_values;
-            let nulls = (*slot.0).tts_isnull;
-            let status = table.pos(K_STATUS);
-            if *nulls.add(status) || (*values.add(status)).value() as u8 != IN_PROGRESS {
+            let mut should_free = false;
+            let tuple = pg_sys::ExecFetchSlotHeapTuple(slot.0, false, &mut should_free);
+            // A dirty snapshot shows every version another open transaction
+            // inserted, even those it went on to replace (it does not look
+            // at their xmax): only the newest is the claim.
+            let inserting = snapshot.xmin;
+            if inserting != pg_sys::InvalidTransactionId && replaced((*tuple).t_data) {
                 continue;
             }
-            let text = |column: usize| -> String {
-                let i = table.pos(column);
-                if *nulls.add(i) {
-                    String::new()
-                } else {
-                    text_of(*values.add(i))
-                }
-            };
-            let inserting = snapshot.xmin;
-            let own = inserting == pg_sys::InvalidTransactionId && {
-                let mut should_free = false;
-                let tuple = pg_sys::ExecFetchSlotHeapTuple(slot.0, false, &mut should_free);
-                pg_sys::TransactionIdIsCurrentTransactionId(
-                    (*(*tuple).t_data).t_choice.t_heap.t_xmin,
-                )
-            };
-            let created_at = (*values.add(table.pos(K_CREATED_AT))).value() as i64;
-            visit(InProgress {
-                scope: text(K_SCOPE),
-                key: text(K_KEY),
-                row: read_row(slot.0, table, own, false),
-                created_at,
-                writer: (inserting != pg_sys::InvalidTransactionId).then_some(inserting),
-            });
+            row_memory.switch_to(|_| read_in_progress(slot.0, tuple, table, inserting, &mut visit));
+            row_memory.reset();
         }
+    }
+}
+
+/// Whether a row version inserted by an open transaction was then updated
+/// or deleted by it (not merely locked, nor changed in a subtransaction
+/// that rolled back: the version is then still its newest).
+///
+/// # Safety
+/// `header` is the header of a tuple held in a pinned buffer, inserted by
+/// a transaction still in progress.
+unsafe fn replaced(header: pg_sys::HeapTupleHeader) -> bool {
+    // SAFETY: as the caller promises; the mask and xmax are plain fields
+    // of the header; HeapTupleGetUpdateXid reads a multixact's members,
+    // which exist while its transactions are in progress.
+    unsafe {
+        let mask = (*header).t_infomask as u32;
+        if mask & pg_sys::HEAP_XMAX_INVALID != 0 {
+            return false;
+        }
+        let lock_only = mask & pg_sys::HEAP_XMAX_LOCK_ONLY != 0
+            || mask & (pg_sys::HEAP_XMAX_IS_MULTI | pg_sys::HEAP_LOCK_MASK)
+                == pg_sys::HEAP_XMAX_EXCL_LOCK;
+        if lock_only {
+            return false;
+        }
+        let xmax = if mask & pg_sys::HEAP_XMAX_IS_MULTI != 0 {
+            pg_sys::HeapTupleGetUpdateXid(header)
+        } else {
+            (*header).t_choice.t_heap.t_xmax
+        };
+        xmax != pg_sys::InvalidTransactionId && !pg_sys::TransactionIdDidAbort(xmax)
+    }
+}
+
+/// Hands one row of the scan to `visit` if it is in progress.
+///
+/// # Safety
+/// `slot` holds `tuple`, a row of the key table `table` describes (the
+/// scan's slot, made from the locked relation whose descriptor `open`
+/// checked); `inserting` is the open transaction the dirty snapshot said
+/// inserted it, if any.
+unsafe fn read_in_progress(
+    slot: *mut pg_sys::TupleTableSlot,
+    tuple: pg_sys::HeapTuple,
+    table: &Table,
+    inserting: pg_sys::TransactionId,
+    visit: &mut impl FnMut(InProgress),
+) {
+    // SAFETY: as the caller promises; slot_getallattrs fills every
+    // attribute, and every position read is one of table.att.
+    unsafe {
+        pg_sys::slot_getallattrs(slot);
+        let values = (*slot).tts_values;
+        let nulls = (*slot).tts_isnull;
+        let status = table.pos(K_STATUS);
+        if *nulls.add(status) || (*values.add(status)).value() as u8 != IN_PROGRESS {
+            return;
+        }
+        let text = |column: usize| -> String {
+            let i = table.pos(column);
+            if *nulls.add(i) {
+                String::new()
+            } else {
+                text_of(*values.add(i))
+            }
+        };
+        let own = inserting == pg_sys::InvalidTransactionId
+            && pg_sys::TransactionIdIsCurrentTransactionId(
+                (*(*tuple).t_data).t_choice.t_heap.t_xmin,
+            );
+        let created_at = (*values.add(table.pos(K_CREATED_AT))).value() as i64;
+        visit(InProgress {
+            scope: text(K_SCOPE),
+            key: text(K_KEY),
+            row: read_row(slot, table, own, false),
+            created_at,
+            writer: (inserting != pg_sys::InvalidTransactionId).then_some(inserting),
+        });
     }
 }

@@ -5,8 +5,8 @@
 /// rolling back a transaction under way), then lets signals in, as a
 /// background worker must before it connects to a database.
 pub fn die_on_sigterm() {
-    // SAFETY: installs a handler that only sets flags and a latch (below),
-    // before any signal is let in.
+    // SAFETY: installs PostgreSQL's handler, which only sets flags and the
+    // process latch, before any signal is let in.
     unsafe {
         #[cfg(not(feature = "pg18"))]
         pgrx::pg_sys::pqsignal(pgrx::pg_sys::SIGTERM as i32, Some(terminate));
@@ -17,14 +17,9 @@ pub fn die_on_sigterm() {
     }
 }
 
-/// What PostgreSQL's `die` does in a backend.
-unsafe extern "C-unwind" fn terminate(_signal: std::ffi::c_int) {
-    // SAFETY: only flags that PostgreSQL's interrupt checks read, written
-    // as sig_atomic_t, and the process latch, which SetLatch may set from a
-    // signal handler.
-    unsafe {
-        (&raw mut pgrx::pg_sys::ProcDiePending).write_volatile(1);
-        (&raw mut pgrx::pg_sys::InterruptPending).write_volatile(1);
-        pgrx::pg_sys::SetLatch(pgrx::pg_sys::MyLatch);
-    }
+unsafe extern "C-unwind" {
+    /// PostgreSQL's own SIGTERM handler for backends (tcop/postgres.c); its
+    /// pgrx binding is a wrapper that cannot be installed as a handler.
+    #[link_name = "die"]
+    fn terminate(postgres_signal_arg: std::ffi::c_int);
 }

@@ -22,6 +22,26 @@ const DELETE_EXPIRED: &str = "WITH gone AS (
     RETURNING 1)
 SELECT pg_catalog.count(*) FROM gone";
 
+/// Takes the lock the DELETE needs on `idempotency.keys` (ROW EXCLUSIVE)
+/// if no one holds or awaits a conflicting one; false otherwise. For the
+/// worker, which must not queue behind DDL (the DELETE itself waits at most
+/// `lock_timeout`).
+pub fn lock_without_waiting() -> bool {
+    let Some(oid) = Spi::get_one::<pg_sys::Oid>(
+        "SELECT c.oid FROM pg_catalog.pg_class c \
+           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+          WHERE n.nspname OPERATOR(pg_catalog.=) 'idempotency' \
+            AND c.relname OPERATOR(pg_catalog.=) 'keys'",
+    )
+    .ok()
+    .flatten() else {
+        return false;
+    };
+    // SAFETY: a conditional lock on an OID needs no open relation; it is
+    // kept to the end of the transaction.
+    unsafe { pg_sys::ConditionalLockRelationOid(oid, pg_sys::RowExclusiveLock as i32) }
+}
+
 /// One batch: deletes up to `limit` expired keys (None: all) in the
 /// current transaction; returns how many. The caller counts them in
 /// `idem_stats()`.

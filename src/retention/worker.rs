@@ -22,6 +22,7 @@ use pgrx::bgworkers::{
 };
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::PgMemoryContexts;
 use std::time::{Duration, Instant};
 
 /// The library file of this version (see `sql/functions.sql`).
@@ -159,44 +160,64 @@ fn databases() -> Vec<Database> {
 /// True when a visit lasted `VISIT` or more: expired keys are probably
 /// left behind.
 fn round() -> bool {
-    let mut backlog = false;
     let chosen = settings::purge_databases();
-    for db in databases() {
+    let databases = databases();
+    // What starting a worker allocates (its handle) is freed after each
+    // visit: the launcher runs for the server's life.
+    let mut memory = PgMemoryContexts::new("idempotency purge visit");
+    let mut backlog = false;
+    for db in databases {
         if chosen
             .as_ref()
             .is_some_and(|names| !names.contains(&db.name))
         {
             continue;
         }
-        // SAFETY: reads a backend global.
-        let me = unsafe { pg_sys::MyProcPid };
-        let started = BackgroundWorkerBuilder::new(&format!("{PURGE} of database {}", db.name))
-            .set_type(PURGE)
-            .set_library(LIBRARY)
-            .set_function("idem_purge_database")
-            .set_argument(Some(pg_sys::Datum::from(db.oid.to_u32())))
-            .enable_spi_access()
-            .set_restart_time(None)
-            .set_notify_pid(me)
-            .load_dynamic();
-        match started {
-            // Its errors are in the server log, under its own name.
-            Ok(worker) => {
-                let visit = Instant::now();
-                let _ = worker.wait_for_shutdown();
-                backlog |= visit.elapsed() >= VISIT;
-            }
-            Err(_) => {
-                warning!(
-                    "idempotency purge launcher could not start a worker for database \"{}\"",
-                    db.name
-                );
-                // No free slot (max_worker_processes): try again next round.
-                return backlog;
-            }
+        // SAFETY: switch_to makes the visit's context current and the
+        // launcher's again after; nothing allocated in it is used after the
+        // reset.
+        let visited = unsafe { memory.switch_to(|_| visit(&db)) };
+        // SAFETY: the visit's context is no longer current (above), and the
+        // handle it held was used up by the wait.
+        unsafe { memory.reset() };
+        match visited {
+            Some(long) => backlog |= long,
+            // No free slot (max_worker_processes): try again next round.
+            None => break,
         }
     }
     backlog
+}
+
+/// Starts the worker of one database and waits for it to end. Some(true)
+/// when it stayed `VISIT` or more, None when it could not start.
+fn visit(db: &Database) -> Option<bool> {
+    // SAFETY: reads a backend global.
+    let me = unsafe { pg_sys::MyProcPid };
+    let started = BackgroundWorkerBuilder::new(&format!("{PURGE} of database {}", db.name))
+        .set_type(PURGE)
+        .set_library(LIBRARY)
+        .set_function("idem_purge_database")
+        .set_argument(Some(pg_sys::Datum::from(db.oid.to_u32())))
+        .enable_spi_access()
+        .set_restart_time(None)
+        .set_notify_pid(me)
+        .load_dynamic();
+    match started {
+        // Its errors are in the server log, under its own name.
+        Ok(worker) => {
+            let visit = Instant::now();
+            let _ = worker.wait_for_shutdown();
+            Some(visit.elapsed() >= VISIT)
+        }
+        Err(_) => {
+            warning!(
+                "idempotency purge launcher could not start a worker for database \"{}\"",
+                db.name
+            );
+            None
+        }
+    }
 }
 
 /// A database worker's main function: purges the database whose OID is
@@ -213,6 +234,14 @@ pub extern "C-unwind" fn idem_purge_database(arg: pg_sys::Datum) {
     // are read-only (ALTER DATABASE ... SET default_transaction_read_only):
     // a purge there would fail every round, so it is left alone.
     let (version, read_only) = BackgroundWorker::transaction(|| {
+        // Whatever the database sets for its sessions: batches run in READ
+        // COMMITTED (at a higher level, meeting a key being claimed again
+        // would fail the batch with 40001 instead of skipping it), and no
+        // lock is waited for long (see `purge::batch`).
+        let _ = Spi::run(
+            "SELECT pg_catalog.set_config('default_transaction_isolation', 'read committed', false), \
+                    pg_catalog.set_config('lock_timeout', '5s', false)",
+        );
         let version = Spi::get_one::<String>(
             "SELECT extversion FROM pg_catalog.pg_extension \
              WHERE extname OPERATOR(pg_catalog.=) 'idempotency'",
@@ -242,7 +271,15 @@ pub extern "C-unwind" fn idem_purge_database(arg: pg_sys::Datum) {
     let started = Instant::now();
     let mut purged = 0;
     loop {
-        let n = BackgroundWorker::transaction(|| purge::batch(Some(batch)));
+        let Some(n) = BackgroundWorker::transaction(|| {
+            purge::lock_without_waiting().then(|| purge::batch(Some(batch)))
+        }) else {
+            // The table is locked (VACUUM FULL, LOCK TABLE, an ALTER waiting
+            // for its lock): come back next round rather than wait, which
+            // would hold up every other database.
+            debug1!("idempotency purge: skipped, idempotency.keys is locked");
+            break;
+        };
         // Counted once committed: a batch cut short by SIGTERM deleted nothing.
         stats::add(Counter::KeysPurged, n as u64);
         purged += n;
