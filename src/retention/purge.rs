@@ -22,13 +22,18 @@ const DELETE_EXPIRED: &str = "WITH gone AS (
     RETURNING 1)
 SELECT pg_catalog.count(*) FROM gone";
 
-/// Takes the lock the DELETE needs on `idempotency.keys` (ROW EXCLUSIVE)
-/// if no one holds or awaits a conflicting one; false otherwise. For the
-/// worker, which must not queue behind DDL (the DELETE itself waits at most
+/// Takes the locks the DELETE needs (ROW EXCLUSIVE on `idempotency.keys`,
+/// its indexes, its TOAST table and that one's index) if no one holds or
+/// awaits a conflicting one; false otherwise (the locks taken are kept to
+/// the end of the transaction, which is short). For the worker, which must
+/// not queue behind DDL or maintenance (the DELETE itself would wait up to
 /// `lock_timeout`).
 pub fn lock_without_waiting() -> bool {
-    let Some(oid) = Spi::get_one::<pg_sys::Oid>(
-        "SELECT c.oid FROM pg_catalog.pg_class c \
+    let Some(relations) = Spi::get_one::<Vec<pg_sys::Oid>>(
+        "SELECT ARRAY[c.oid, c.reltoastrelid] OPERATOR(pg_catalog.||) ARRAY(SELECT i.indexrelid FROM pg_catalog.pg_index i \
+                    WHERE i.indrelid OPERATOR(pg_catalog.=) ANY (ARRAY[c.oid, c.reltoastrelid]) \
+                    ORDER BY i.indexrelid) \
+           FROM pg_catalog.pg_class c \
            JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
           WHERE n.nspname OPERATOR(pg_catalog.=) 'idempotency' \
             AND c.relname OPERATOR(pg_catalog.=) 'keys'",
@@ -37,9 +42,16 @@ pub fn lock_without_waiting() -> bool {
     .flatten() else {
         return false;
     };
-    // SAFETY: a conditional lock on an OID needs no open relation; it is
-    // kept to the end of the transaction.
-    unsafe { pg_sys::ConditionalLockRelationOid(oid, pg_sys::RowExclusiveLock as i32) }
+    // The table first, as the DELETE locks it, then the rest (0: no TOAST
+    // table).
+    relations
+        .into_iter()
+        .filter(|oid| *oid != pg_sys::InvalidOid)
+        .all(|oid| {
+            // SAFETY: a conditional lock on an OID needs no open relation; it
+            // is kept to the end of the transaction.
+            unsafe { pg_sys::ConditionalLockRelationOid(oid, pg_sys::RowExclusiveLock as i32) }
+        })
 }
 
 /// One batch: deletes up to `limit` expired keys (None: all) in the

@@ -75,6 +75,9 @@ pub extern "C-unwind" fn idem_purge_launcher(_arg: pg_sys::Datum) {
     // No database: pg_database is a shared catalog.
     BackgroundWorker::connect_worker_to_spi(None, None);
     let mut last_round: Option<Instant> = None;
+    // What starting a worker allocates (its handle) is freed after each
+    // visit: the launcher runs for the server's life.
+    let mut memory = PgMemoryContexts::new("idempotency purge visit");
     loop {
         let interval = settings::purge_interval();
         let every = Duration::from_secs(interval.max(0) as u64);
@@ -82,7 +85,7 @@ pub extern "C-unwind" fn idem_purge_launcher(_arg: pg_sys::Datum) {
         let mut backlog = false;
         if due {
             last_round = Some(Instant::now());
-            backlog = round();
+            backlog = round(&mut memory);
         }
         // Sleep until the next round; with the worker off, until a reload
         // turns it on.
@@ -159,12 +162,9 @@ fn databases() -> Vec<Database> {
 /// One round: a worker for each database chosen, one after the other.
 /// True when a visit lasted `VISIT` or more: expired keys are probably
 /// left behind.
-fn round() -> bool {
+fn round(memory: &mut PgMemoryContexts) -> bool {
     let chosen = settings::purge_databases();
     let databases = databases();
-    // What starting a worker allocates (its handle) is freed after each
-    // visit: the launcher runs for the server's life.
-    let mut memory = PgMemoryContexts::new("idempotency purge visit");
     let mut backlog = false;
     for db in databases {
         if chosen

@@ -1,9 +1,11 @@
 """The purge worker, idem_stats() and idem_held under what a DBA, an
 operator or an attacker may do to a server: DDL and maintenance on the key
 table while the worker purges and jobs run, a worker terminated or killed
-in the middle of a batch, a read-only database, odd database names, no
-free background worker slot, counting under concurrency, idem_held as
-roles without privileges and on a hot standby that is then promoted.
+in the middle of a batch, a read-only database, a key table left locked,
+a database whose sessions default to REPEATABLE READ or SERIALIZABLE, odd
+database names, no free background worker slot, counting under
+concurrency, idem_held as roles without privileges and on a hot standby
+that is then promoted.
 
 A server of its own, with the installed library in shared_preload_libraries,
 purging every second in batches of 100, and each test in a database of its
@@ -13,6 +15,7 @@ SIGKILL on purpose (the postmaster then restarts every process); the server
 log must show no other crash. Skipped where the installed extension has no
 purge worker (before 0.4.0).
 """
+import contextlib
 import os
 import re
 import shutil
@@ -133,7 +136,9 @@ def server():
                    f"shared_preload_libraries = 'idempotency-{version}'\n"
                    "idempotency.purge_interval = 1\n"
                    "idempotency.purge_batch_size = 100\n"
-                   "idempotency.purge_delay = 0\n")
+                   "idempotency.purge_delay = 0\n"
+                   # A prepared transaction that holds the key table locked.
+                   "max_prepared_transactions = 2\n")
     srv.start()
     try:
         yield srv
@@ -502,6 +507,198 @@ def test_a_read_only_database_is_left_alone_quietly(server):
         admin.execute("ALTER DATABASE attack_ro RESET default_transaction_read_only")
     with server.connect(ro) as r:
         wait_purged([r], "ro-", 10)
+
+
+# What keeps idempotency.keys of a database locked, in a mode that
+# conflicts with the purge's ROW EXCLUSIVE, while the worker comes round:
+# an idle transaction that locked it in SHARE mode (as CREATE INDEX does)
+# or ACCESS EXCLUSIVE mode (as ALTER TABLE, VACUUM FULL and TRUNCATE do), a
+# prepared transaction that holds it in EXCLUSIVE mode, and an ALTER TABLE
+# waiting for its lock behind an idle reader (a lock request in the queue
+# conflicts as a granted lock does), and an index alone locked (ALTER INDEX
+# ... SET TABLESPACE in an idle transaction: the table's own lock is free).
+LOCK_HOLDERS = ("share", "access exclusive", "prepared", "waiting alter", "index")
+
+
+@contextlib.contextmanager
+def key_table_locked(server, dbname, holder):
+    """Holds idempotency.keys of dbname locked as LOCK_HOLDERS says; yields
+    a function that lets it go (called again on the way out)."""
+    conns = []
+    released = [False]
+    waiter = None
+    try:
+        holding = server.connect(dbname)
+        conns.append(holding)
+        holding.execute("BEGIN")
+        if holder in ("share", "access exclusive"):
+            holding.execute(sql.SQL("LOCK TABLE idempotency.keys IN {} MODE").format(sql.SQL(holder.upper())))
+        elif holder == "index":
+            holding.execute("ALTER INDEX idempotency.keys_pkey SET TABLESPACE pg_default")
+        elif holder == "prepared":
+            holding.execute("LOCK TABLE idempotency.keys IN EXCLUSIVE MODE")
+            holding.execute("PREPARE TRANSACTION 'attack_lock'")
+        else:
+            holding.execute("SELECT count(*) FROM idempotency.keys")
+            altering = server.connect(dbname)
+            conns.append(altering)
+            pid = altering.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+            def alter():
+                # Rolled back once it has its lock: the table is left as it was.
+                with altering.transaction(force_rollback=True):
+                    altering.execute("ALTER TABLE idempotency.keys ADD COLUMN attack_x int")
+
+            waiter = threading.Thread(target=alter)
+            waiter.start()
+            wait_for(lambda: holding.execute(
+                "SELECT count(*) FROM pg_locks WHERE pid = %s AND relation = 'idempotency.keys'::regclass "
+                "AND mode = 'AccessExclusiveLock' AND NOT granted", (pid,)).fetchone()[0], 5,
+                "the ALTER TABLE waits for its lock")
+
+        def release():
+            if released[0]:
+                return
+            released[0] = True
+            if holder == "prepared":
+                holding.execute("ROLLBACK PREPARED 'attack_lock'")
+            else:
+                holding.execute("ROLLBACK")
+            if waiter is not None:
+                waiter.join()
+
+        try:
+            yield release
+        finally:
+            # (A prepared transaction outlives its session.)
+            release()
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def waiting_purge_workers(conn):
+    """The purge workers (of any database) waiting for a lock."""
+    return conn.execute("SELECT l.pid, a.datname, l.locktype, l.mode FROM pg_locks l JOIN pg_stat_activity a "
+                        "USING (pid) WHERE NOT l.granted AND a.backend_type = %s", (PURGE,)).fetchall()
+
+
+@pytest.mark.parametrize("holder", LOCK_HOLDERS)
+def test_a_locked_key_table_is_skipped_and_other_databases_are_purged(server, holder):
+    """While idempotency.keys of one database stays locked for 6 s (longer
+    than the worker's lock_timeout of 5 s), the worker of that database
+    does not wait for the lock: it skips the database until the next round
+    (a DEBUG1 line, no ERROR), so the launcher goes on and the other
+    database is purged round after round. Once the lock goes, the next
+    round purges the keys of the locked database."""
+    with server.connect() as admin:
+        if holder == "prepared" and admin.execute("SHOW max_prepared_transactions").fetchone()[0] == "0":
+            pytest.skip("the server allows no prepared transaction")
+    locked = create_database(server, "attack_locked")
+    free = create_database(server, "attack_free")
+    with server.connect() as admin:
+        # The worker's line when it skips the database.
+        admin.execute("ALTER DATABASE attack_locked SET log_min_messages = debug1")
+    # The key table can be read while it is locked in these modes (ACCESS
+    # EXCLUSIVE, or an ACCESS EXCLUSIVE request in the queue, forbid it).
+    readable = holder in ("share", "prepared")
+    with server.connect(locked) as a, server.connect(free) as b:
+        expire_keys(a, "lk-", 200)
+        purged_before = stats(b)["keys_purged"]
+        mark = server.log_mark()
+        with key_table_locked(server, locked, holder) as release:
+            since = time.monotonic()
+            # Each wave made once the one before was purged: three rounds
+            # at least went past the locked database.
+            for wave in range(3):
+                expire_keys(b, f"fr-{wave}-", 100)
+                wait_purged([b], f"fr-{wave}-", 5)
+            while time.monotonic() - since < 6:
+                assert waiting_purge_workers(b) == []
+                time.sleep(0.2)
+            if readable:
+                assert count(a, "lk-") == 200
+            release()
+        wait_purged([a], "lk-", 10)
+        assert stats(b)["keys_purged"] - purged_before >= 500
+    lines = server.log_since(mark)
+    assert errors_in(lines) == []
+    assert [line for line in lines if "idempotency purge: skipped, idempotency.keys is locked" in line]
+    with server.connect() as admin:
+        for name in (locked, free):
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
+def test_a_database_defaulting_to_a_higher_isolation_level_is_purged_under_reclaims(server, isolation):
+    """A database whose sessions default to REPEATABLE READ or SERIALIZABLE
+    (ALTER DATABASE ... SET default_transaction_isolation), 4 clients
+    claiming 20 keys each again and again as soon as they expire, in that
+    level: the worker runs its batches in READ COMMITTED all the same, so a
+    key claimed again while a batch deletes is skipped, not a serialization
+    failure of the whole batch. No ERROR from the worker; 1000 expired keys
+    made while the claims go on are purged (and counted) while they go on;
+    every expired key is gone once they stop."""
+    db = create_database(server, "attack_" + isolation.replace(" ", "_"))
+    with server.connect() as admin:
+        admin.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = {}").format(
+            sql.Identifier(db), sql.Literal(isolation)))
+    stop = threading.Event()
+    errors = []
+    statuses = {}
+    # A claim refused with 40001 (the key was changed or purged after the
+    # claim's snapshot was taken): the client retries, as the README says.
+    serialization_failures = [0]
+    clients = []
+    lock = threading.Lock()
+
+    def reclaim(n):
+        with server.connect(db) as conn:
+            clients.append(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+            while not stop.is_set():
+                for j in range(20):
+                    key = f"hot-{n}-{j}"
+                    try:
+                        with conn.transaction():
+                            status = conn.execute("SELECT status FROM idem_begin(%s)", (key,)).fetchone()[0]
+                            if status == "started":
+                                conn.execute("SELECT idem_finish(%s, '1', ttl => '1 millisecond')", (key,))
+                    except psycopg.errors.SerializationFailure:
+                        with lock:
+                            serialization_failures[0] += 1
+                    except Exception as e:  # noqa: BLE001
+                        errors.append((key, repr(e)))
+                    else:
+                        with lock:
+                            statuses[status] = statuses.get(status, 0) + 1
+
+    with server.connect(db) as conn:
+        assert conn.execute("SHOW transaction_isolation").fetchone()[0] == isolation
+        purged_before = stats(conn)["keys_purged"]
+        mark = server.log_mark()
+        threads = [threading.Thread(target=reclaim, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1)
+            expire_keys(conn, "old-", 1000)
+            wait_for(lambda: count(conn, "old-") == 0, 10, "the worker purged the old keys during the claims")
+            # More rounds meeting the claims.
+            time.sleep(2)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert errors == []
+        assert statuses.get("started", 0) > 500, (statuses, serialization_failures)
+        assert stats(conn)["keys_purged"] - purged_before >= 1000
+        wait_for(lambda: conn.execute("SELECT count(*) FROM idempotency.keys").fetchone()[0] == 0, 10,
+                 "the worker purged every expired key")
+    # The clients' own refusals (40001) are in the log under their pids;
+    # anything else is not.
+    others = [line for line in server.log_since(mark) if not any(f"[{pid}]" in line for pid in clients)]
+    assert errors_in(others) == []
+    print(f"{isolation}: claims {statuses}, 40001 {serialization_failures[0]}")
 
 
 # Database names the purge_databases list can name: spaces, a double
