@@ -324,6 +324,9 @@ def section_10(mode, cfg):
         order = [False, True] if r % 2 == 0 else [True, False]
         for preload in order:
             restart(preload)
+            # A restarted server starts with cold caches: warm them first.
+            for script in workloads.values():
+                pgbench(script, 2, cfg["clients"])
             for name, script in workloads.items():
                 if name == "job":
                     reset_business()
