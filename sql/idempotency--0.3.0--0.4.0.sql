@@ -4,6 +4,12 @@
 -- Run by ALTER EXTENSION idempotency UPDATE, with search_path set to the
 -- extension's schema; every name outside it is qualified.
 
+-- Storage for churn (schema.sql says why): pages filled whole, autovacuum
+-- after 2 % of the rows are dead. Takes effect for pages written from now
+-- on; the table is not rewritten.
+ALTER TABLE idempotency.keys SET (fillfactor = 100, autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_vacuum_threshold = 1000, autovacuum_analyze_scale_factor = 0.05);
+
 -- idem_purge keeps its signature, owner and privileges: replaced in place
 -- (from PL/pgSQL to C, same statement).
 CREATE OR REPLACE FUNCTION idem_purge(batch_size integer DEFAULT 10000)
