@@ -3,6 +3,7 @@
 use crate::observability::stats::{self, Counter};
 use crate::pg::errors::{error, Code};
 use crate::pg::fmgr::{finfo_v1, Args, Signature};
+use crate::pg::relation::check_writable;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -86,6 +87,10 @@ pub unsafe extern "C-unwind" fn idem_purge(fcinfo: pg_sys::FunctionCallInfo) -> 
     // SAFETY: Postgres calls this with the call info of idem_purge.
     let args = unsafe { Args::new(fcinfo, &SIGNATURE) };
     let limit = args.i32(0);
+    // 25006 in a read-only transaction or on a standby, as the DELETE
+    // would say, before SPI asks for a transaction id (which a standby
+    // refuses with an internal error).
+    check_writable(c"idem_purge");
     if limit.is_some_and(|n| n < 0) {
         error(
             Code::ERRCODE_INVALID_PARAMETER_VALUE,
