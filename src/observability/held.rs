@@ -50,19 +50,11 @@ fn pid_of(xid: pg_sys::TransactionId) -> Option<i32> {
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn idem_held_keys(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // SAFETY: Postgres calls this with the call info of idem_held_keys.
-    let _args = unsafe { Args::new(fcinfo, &SIGNATURE) };
+    let args = unsafe { Args::new(fcinfo, &SIGNATURE) };
     let caller = owner::current_role();
     let sees_all =
         owner::has_privileges_of(caller, pg_sys::Oid::from(pg_sys::ROLE_PG_READ_ALL_STATS));
-    // SAFETY: as in idem_get: the tuplestore and its descriptor are made
-    // from the declared result, in the query's memory, and checked against
-    // TYPES before any row is stored.
-    let rsinfo = unsafe {
-        pg_sys::InitMaterializedSRF(fcinfo, 0);
-        (*fcinfo).resultinfo.cast::<pg_sys::ReturnSetInfo>()
-    };
-    // SAFETY: InitMaterializedSRF set setDesc to a valid descriptor.
-    unsafe { fmgr::check_columns("idem_held_keys", (*rsinfo).setDesc, &TYPES) };
+    let rows = args.rows(&TYPES);
     // SAFETY: reads a backend global.
     let my_pid = unsafe { pg_sys::MyProcPid };
     probe::in_progress(|held: InProgress| {
@@ -91,17 +83,9 @@ pub unsafe extern "C-unwind" fn idem_held_keys(fcinfo: pg_sys::FunctionCallInfo)
                 (values[i], nulls[i]) = (d, false);
             }
         }
-        // SAFETY: one value per column of setDesc, of the types checked
-        // above; putvalues copies them (and detoasts nothing: every text
-        // here is a fresh datum).
-        unsafe {
-            pg_sys::tuplestore_putvalues(
-                (*rsinfo).setResult,
-                (*rsinfo).setDesc,
-                values.as_mut_ptr(),
-                nulls.as_mut_ptr(),
-            )
-        };
+        // SAFETY: texts, an int4 pid, an int8 token, timestamptz values
+        // and an int4 attempt, as TYPES says; every text is a fresh datum.
+        unsafe { rows.put(&mut values, &mut nulls) };
     });
     pg_sys::Datum::from(0usize)
 }

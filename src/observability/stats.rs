@@ -10,7 +10,7 @@
 //! `pg_stat_*` counters do), and a reading may mix counts from just before
 //! and just after a concurrent call, never a torn value.
 use crate::pg::errors::{error, Code};
-use crate::pg::fmgr::{self, finfo_v1, Args, Signature};
+use crate::pg::fmgr::{finfo_v1, Args, Signature};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::CStr;
@@ -189,17 +189,9 @@ const STATS_TYPES: [pg_sys::Oid; COUNTERS + 1] = {
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn idem_stats(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // SAFETY: Postgres calls this with the call info of idem_stats.
-    let _args = unsafe { Args::new(fcinfo, &STATS) };
+    let args = unsafe { Args::new(fcinfo, &STATS) };
     let counters = require();
-    // SAFETY: InitMaterializedSRF checks that the caller accepts a
-    // materialized set and builds the tuplestore and its descriptor from
-    // the declared result; check_columns then holds them to STATS_TYPES.
-    let rsinfo = unsafe {
-        pg_sys::InitMaterializedSRF(fcinfo, 0);
-        (*fcinfo).resultinfo.cast::<pg_sys::ReturnSetInfo>()
-    };
-    // SAFETY: InitMaterializedSRF set setDesc to a valid descriptor.
-    unsafe { fmgr::check_columns("idem_stats", (*rsinfo).setDesc, &STATS_TYPES) };
+    let rows = args.rows(&STATS_TYPES);
     let mut values = [pg_sys::Datum::from(0usize); COUNTERS + 1];
     let mut nulls = [false; COUNTERS + 1];
     for (i, value) in counters.values.iter().enumerate() {
@@ -211,16 +203,9 @@ pub unsafe extern "C-unwind" fn idem_stats(fcinfo: pg_sys::FunctionCallInfo) -> 
         };
     }
     values[COUNTERS] = pg_sys::Datum::from(counters.reset_at.load(Ordering::Relaxed));
-    // SAFETY: values and nulls have one entry per column of setDesc, each
-    // of the type check_columns confirmed; putvalues copies them.
-    unsafe {
-        pg_sys::tuplestore_putvalues(
-            (*rsinfo).setResult,
-            (*rsinfo).setDesc,
-            values.as_mut_ptr(),
-            nulls.as_mut_ptr(),
-        )
-    };
+    // SAFETY: bigint counters, the wait time as a float8 datum and the
+    // reset time as a timestamptz, as STATS_TYPES says.
+    unsafe { rows.put(&mut values, &mut nulls) };
     pg_sys::Datum::from(0usize)
 }
 

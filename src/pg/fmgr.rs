@@ -147,6 +147,7 @@ unsafe fn check(fcinfo: pg_sys::FunctionCallInfo, sig: &Signature) -> pg_sys::Oi
 pub struct Args {
     fcinfo: pg_sys::FunctionCallInfo,
     result: pg_sys::Oid,
+    name: &'static str,
 }
 
 impl Args {
@@ -167,7 +168,11 @@ impl Args {
                 sig.args.len()
             ));
         }
-        Args { fcinfo, result }
+        Args {
+            fcinfo,
+            result,
+            name: sig.name,
+        }
     }
 
     fn nullable(&self, i: usize) -> Option<pg_sys::Datum> {
@@ -307,13 +312,65 @@ unsafe fn column_types(desc: pg_sys::TupleDesc) -> Vec<pg_sys::Oid> {
     }
 }
 
+/// The rows a set-returning function returns, stored in the tuplestore
+/// PostgreSQL made for the call (materialize mode).
+pub struct Rows {
+    rsinfo: *mut pg_sys::ReturnSetInfo,
+    columns: usize,
+}
+
+impl Args {
+    /// Starts the rows of this call, in the query's memory, after checking
+    /// that the function is declared to return columns of exactly `types`
+    /// (42P13 otherwise, as for `new`): no datum is handed to the executor
+    /// as another type.
+    pub fn rows(&self, types: &[pg_sys::Oid]) -> Rows {
+        // SAFETY: fcinfo is the call's (see `new`); InitMaterializedSRF
+        // checks that the caller accepts a materialized set (an error
+        // otherwise) and sets resultinfo's tuplestore and descriptor, made
+        // from the function's declared result.
+        let rsinfo = unsafe {
+            pg_sys::InitMaterializedSRF(self.fcinfo, 0);
+            (*self.fcinfo).resultinfo.cast::<pg_sys::ReturnSetInfo>()
+        };
+        // SAFETY: InitMaterializedSRF set setDesc to a valid descriptor.
+        unsafe { check_columns(self.name, (*rsinfo).setDesc, types) };
+        Rows {
+            rsinfo,
+            columns: types.len(),
+        }
+    }
+}
+
+impl Rows {
+    /// Adds a row; the tuplestore copies the values.
+    ///
+    /// # Safety
+    /// Each non-null value is a datum of the type `rows` was given for its
+    /// column, valid for the call.
+    pub unsafe fn put(&self, values: &mut [pg_sys::Datum], nulls: &mut [bool]) {
+        assert_eq!(values.len(), self.columns);
+        assert_eq!(nulls.len(), self.columns);
+        // SAFETY: the tuplestore and descriptor are the call's (`rows`),
+        // the descriptor has exactly these columns (checked there), and the
+        // values have their types (as the caller promises).
+        unsafe {
+            pg_sys::tuplestore_putvalues(
+                (*self.rsinfo).setResult,
+                (*self.rsinfo).setDesc,
+                values.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+            )
+        };
+    }
+}
+
 /// Checks that a set-returning function's result descriptor (made from its
-/// declaration) has columns of exactly `types`, so that no datum is handed
-/// to the executor as another type (42P13 otherwise, as for `Args::new`).
+/// declaration) has columns of exactly `types`.
 ///
 /// # Safety
 /// `desc` is a valid tuple descriptor.
-pub unsafe fn check_columns(name: &str, desc: pg_sys::TupleDesc, types: &[pg_sys::Oid]) {
+unsafe fn check_columns(name: &str, desc: pg_sys::TupleDesc, types: &[pg_sys::Oid]) {
     // SAFETY: as the caller promises.
     let declared = unsafe { column_types(desc) };
     if declared != types {
