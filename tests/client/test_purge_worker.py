@@ -20,103 +20,27 @@ on this server, and its log is checked for crashes.
 
 Skipped where the installed extension has no purge worker (before 0.4.0).
 """
-import os
 import re
-import shutil
-import subprocess
 import textwrap
 import time
 from pathlib import Path
 
-import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-PG_BIN = os.environ.get("IDEM_PG_BIN", "/usr/lib/postgresql/15/bin")
+import preloaded
+
 DIR = "/tmp/idempotency-purge-worker"
-DATA = os.path.join(DIR, "data")
-LOG = os.path.join(DIR, "server.log")
 PORT = 5487
 LAUNCHER = "idempotency purge launcher"
-# What the server log must never show: a child of the postmaster that
-# crashed, or a PANIC.
-CRASH = re.compile(r"terminated by signal|terminated by exception|PANIC")
 MONITORING = Path(__file__).resolve().parents[2] / "docs" / "monitoring.md"
-
-
-def pg_config(option):
-    return subprocess.run([os.path.join(PG_BIN, "pg_config"), option], check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-
-def installed_version():
-    """The version CREATE EXTENSION installs (the control file's), or None."""
-    if not os.path.exists(os.path.join(PG_BIN, "pg_config")):
-        return None
-    control = os.path.join(pg_config("--sharedir"), "extension", "idempotency.control")
-    if not os.path.exists(control):
-        return None
-    with open(control) as f:
-        found = re.search(r"^default_version\s*=\s*'([^']+)'", f.read(), re.M)
-    return found and found.group(1)
-
-
-def as_postgres(*cmd):
-    # As scripts/lib.sh starts its clusters: with RUST_BACKTRACE set, as a
-    # server started by hand from a shell that has it.
-    env = {k: v for k, v in os.environ.items() if k != "RUST_LIB_BACKTRACE"}
-    env["RUST_BACKTRACE"] = "1"
-    subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True, env=env)
-
-
-class Server:
-    def __init__(self, version):
-        self.version = version
-        self.pg_ctl = os.path.join(PG_BIN, "pg_ctl")
-
-    def connect(self, dbname="postgres", user="postgres"):
-        return psycopg.connect(host=DIR, port=PORT, user=user, dbname=dbname, autocommit=True)
-
-    def start(self):
-        as_postgres(self.pg_ctl, "-D", DATA, "-l", LOG, "-w", "start")
-
-    def restart(self):
-        # -l again: the restarted server appends to the same log.
-        as_postgres(self.pg_ctl, "-D", DATA, "-l", LOG, "-m", "fast", "-w", "restart")
-
-    def stop(self, mode="fast"):
-        subprocess.run(["runuser", "-u", "postgres", "--", self.pg_ctl, "-D", DATA, "-m", mode, "-w", "stop"],
-                       capture_output=True)
-
-    def crashes(self):
-        with open(LOG) as f:
-            return [line.rstrip() for line in f if CRASH.search(line)]
 
 
 @pytest.fixture(scope="module")
 def server():
-    version = installed_version()
-    if version is None:
-        pytest.skip("the extension is not installed for this server")
-    if tuple(int(p) for p in re.findall(r"\d+", version)[:3]) < (0, 4, 0):
-        pytest.skip(f"the installed extension ({version}) has no purge worker")
-    if not os.path.exists(os.path.join(pg_config("--pkglibdir"), f"idempotency-{version}.so")):
-        pytest.skip(f"the library idempotency-{version} is not installed for this server")
-    srv = Server(version)
-    if os.path.exists(os.path.join(DATA, "postmaster.pid")):
-        srv.stop("immediate")
-    shutil.rmtree(DIR, ignore_errors=True)
-    os.makedirs(DIR)
-    shutil.chown(DIR, "postgres", "postgres")
-    as_postgres(os.path.join(PG_BIN, "initdb"), "-D", DATA, "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                "--locale=C.UTF-8")
-    with open(os.path.join(DATA, "postgresql.conf"), "a") as conf:
-        conf.write(f"listen_addresses = ''\nport = {PORT}\nunix_socket_directories = '{DIR}'\nfsync = off\n"
-                   f"shared_preload_libraries = 'idempotency-{version}'\n"
-                   "idempotency.purge_interval = 1\n"
-                   "idempotency.purge_batch_size = 50\n"
-                   "idempotency.purge_delay = 0\n")
-    srv.start()
+    srv = preloaded.start(DIR, PORT, "idempotency.purge_interval = 1\n"
+                                     "idempotency.purge_batch_size = 50\n"
+                                     "idempotency.purge_delay = 0\n")
     try:
         yield srv
     finally:
@@ -130,19 +54,6 @@ DATABASES = {"idem_purge_a": True, "idem_purge_b": True, "idem_purge_plain": Fal
 A, B = "idem_purge_a", "idem_purge_b"
 
 
-def create_extension(conn):
-    # The extension's files may be reinstalled while this runs (a build
-    # being installed for another test tier): a missing file is retried.
-    for attempt in range(10):
-        try:
-            conn.execute("CREATE EXTENSION idempotency SCHEMA public")
-            return
-        except psycopg.OperationalError:
-            if attempt == 9:
-                raise
-            time.sleep(1)
-
-
 @pytest.fixture(scope="module")
 def databases(server):
     with server.connect() as conn:
@@ -153,7 +64,7 @@ def databases(server):
     for name, extension in DATABASES.items():
         with server.connect(name) as conn:
             if extension:
-                create_extension(conn)
+                preloaded.create_extension(conn)
                 assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'idempotency'") \
                     .fetchone()[0] == server.version
             else:
@@ -362,7 +273,7 @@ def test_drop_database_succeeds_while_the_worker_runs(server, databases):
         # From template1, which the worker must not be connected to.
         admin.execute(f"CREATE DATABASE {drop}")
         with server.connect(drop) as conn:
-            create_extension(conn)
+            preloaded.create_extension(conn)
             expire_keys(conn, "g-exp-", keys)
 
     def timed_drop(statement):

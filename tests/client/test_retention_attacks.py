@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import threading
 import time
 
@@ -29,123 +28,31 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
-PG_BIN = os.environ.get("IDEM_PG_BIN", "/usr/lib/postgresql/15/bin")
+import preloaded
+
 DIR = "/tmp/idempotency-retention-attacks"
-DATA = os.path.join(DIR, "data")
-LOG = os.path.join(DIR, "server.log")
 PORT = 5486
 # A hot standby of the server, made by pg_basebackup.
 STANDBY = os.path.join(DIR, "standby")
 STANDBY_PORT = 5480
 LAUNCHER = "idempotency purge launcher"
 PURGE = "idempotency purge"
-# What the server log must never show: a child of the postmaster that
-# crashed, or a PANIC. A SIGKILL sent on purpose is counted apart.
-CRASH = re.compile(r"terminated by signal|terminated by exception|PANIC")
-KILLED = re.compile(r"terminated by signal 9: Killed")
-
-
-def pg_config(option):
-    return subprocess.run([os.path.join(PG_BIN, "pg_config"), option], check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-
-def installed_version():
-    """The version CREATE EXTENSION installs (the control file's), or None."""
-    if not os.path.exists(os.path.join(PG_BIN, "pg_config")):
-        return None
-    control = os.path.join(pg_config("--sharedir"), "extension", "idempotency.control")
-    if not os.path.exists(control):
-        return None
-    with open(control) as f:
-        found = re.search(r"^default_version\s*=\s*'([^']+)'", f.read(), re.M)
-    return found and found.group(1)
-
-
-def as_postgres(*cmd):
-    # As scripts/lib.sh starts its clusters: with RUST_BACKTRACE set, as a
-    # server started by hand from a shell that has it.
-    env = {k: v for k, v in os.environ.items() if k != "RUST_LIB_BACKTRACE"}
-    env["RUST_BACKTRACE"] = "1"
-    subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True, env=env)
-
-
-def crashes(log, kills=0):
-    """The crash lines of a server log, less up to `kills` SIGKILLs sent on
-    purpose (more than that are crashes too)."""
-    with open(log) as f:
-        found = [line.rstrip() for line in f if CRASH.search(line)]
-    killed = [line for line in found if KILLED.search(line)]
-    others = [line for line in found if not KILLED.search(line)]
-    return others + (killed if len(killed) > kills else [])
-
-
-class Server:
-    def __init__(self, version, data=DATA, log=LOG, socket=DIR, port=PORT):
-        self.version = version
-        self.data, self.log, self.socket, self.port = data, log, socket, port
-        self.pg_ctl = os.path.join(PG_BIN, "pg_ctl")
-        # Workers killed with SIGKILL on purpose.
-        self.kills = 0
-
-    def connect(self, dbname="postgres", user="postgres"):
-        return psycopg.connect(host=self.socket, port=self.port, user=user, dbname=dbname, autocommit=True)
-
-    def start(self):
-        as_postgres(self.pg_ctl, "-D", self.data, "-l", self.log, "-w", "start")
-
-    def restart(self):
-        # -l again: the restarted server appends to the same log.
-        as_postgres(self.pg_ctl, "-D", self.data, "-l", self.log, "-m", "fast", "-w", "restart")
-
-    def stop(self, mode="fast"):
-        subprocess.run(["runuser", "-u", "postgres", "--", self.pg_ctl, "-D", self.data, "-m", mode, "-w", "stop"],
-                       capture_output=True)
-
-    def log_mark(self):
-        """Where the server log ends now, for log_since."""
-        return os.path.getsize(self.log)
-
-    def log_since(self, mark):
-        with open(self.log, encoding="utf-8", errors="replace") as f:
-            f.seek(mark)
-            return f.read().splitlines()
 
 
 @pytest.fixture(scope="module")
 def server():
-    version = installed_version()
-    if version is None:
-        pytest.skip("the extension is not installed for this server")
-    if tuple(int(p) for p in version.split(".")) < (0, 4, 0):
-        pytest.skip(f"the installed extension ({version}) has no purge worker")
-    if not os.path.exists(os.path.join(pg_config("--pkglibdir"), f"idempotency-{version}.so")):
-        pytest.skip(f"the library idempotency-{version} is not installed for this server")
-    srv = Server(version)
-    for data in (os.path.join(STANDBY, "data"), DATA):
-        if os.path.exists(os.path.join(data, "postmaster.pid")):
-            subprocess.run(["runuser", "-u", "postgres", "--", srv.pg_ctl, "-D", data, "-m", "immediate", "stop"],
-                           capture_output=True)
-    shutil.rmtree(DIR, ignore_errors=True)
-    os.makedirs(DIR)
-    shutil.chown(DIR, "postgres", "postgres")
-    as_postgres(os.path.join(PG_BIN, "initdb"), "-D", DATA, "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                "--locale=C.UTF-8")
-    with open(os.path.join(DATA, "postgresql.conf"), "a") as conf:
-        conf.write(f"listen_addresses = ''\nport = {PORT}\nunix_socket_directories = '{DIR}'\nfsync = off\n"
-                   f"shared_preload_libraries = 'idempotency-{version}'\n"
-                   "idempotency.purge_interval = 1\n"
-                   "idempotency.purge_batch_size = 100\n"
-                   "idempotency.purge_delay = 0\n"
-                   # A prepared transaction that holds the key table locked.
-                   "max_prepared_transactions = 2\n")
-    srv.start()
+    srv = preloaded.start(DIR, PORT, "idempotency.purge_interval = 1\n"
+                                     "idempotency.purge_batch_size = 100\n"
+                                     "idempotency.purge_delay = 0\n"
+                                     # A prepared transaction that holds the key table locked.
+                                     "max_prepared_transactions = 2\n",
+                          leftovers=[os.path.join(STANDBY, "data")])
     try:
         yield srv
     finally:
         srv.stop()
     # The shutdown too: a worker that crashed while the server stopped.
-    assert crashes(LOG, srv.kills) == []
+    assert srv.crashes() == []
 
 
 def create_database(server, name, extension=True):
@@ -156,17 +63,7 @@ def create_database(server, name, extension=True):
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     if extension:
         with server.connect(name) as conn:
-            # The extension's files may be reinstalled while this runs (a
-            # build being installed for another test tier): a missing file
-            # is retried.
-            for attempt in range(10):
-                try:
-                    conn.execute("CREATE EXTENSION idempotency SCHEMA public")
-                    break
-                except psycopg.OperationalError:
-                    if attempt == 9:
-                        raise
-                    time.sleep(1)
+            preloaded.create_extension(conn)
     return name
 
 
@@ -429,7 +326,7 @@ def test_ddl_maintenance_and_idem_held_while_the_worker_purges_under_load(server
                             "AND attname = 'x' AND NOT attisdropped").fetchone()[0] == 0
     # No error in the log (the worker's included), no crash.
     assert errors_in(server.log_since(mark)) == []
-    assert crashes(LOG, server.kills) == []
+    assert server.crashes() == []
 
 
 def test_a_terminated_worker_rolls_its_batch_back_and_the_next_round_finishes(server):
@@ -911,11 +808,11 @@ def start_standby(server):
     shutil.rmtree(STANDBY, ignore_errors=True)
     os.makedirs(STANDBY)
     shutil.chown(STANDBY, "postgres", "postgres")
-    as_postgres(os.path.join(PG_BIN, "pg_basebackup"), "-h", DIR, "-p", str(PORT), "-U", "postgres",
+    preloaded.as_postgres(os.path.join(preloaded.PG_BIN, "pg_basebackup"), "-h", DIR, "-p", str(PORT), "-U", "postgres",
                 "-D", data, "-R", "-X", "stream", "-c", "fast")
     with open(os.path.join(data, "postgresql.conf"), "a") as conf:
         conf.write(f"port = {STANDBY_PORT}\nunix_socket_directories = '{STANDBY}'\nhot_standby = on\n")
-    standby = Server(server.version, data=data, log=os.path.join(STANDBY, "server.log"), socket=STANDBY,
+    standby = preloaded.Server(server.version, data=data, log=os.path.join(STANDBY, "server.log"), socket=STANDBY,
                      port=STANDBY_PORT)
     standby.start()
     return standby
@@ -956,7 +853,7 @@ def test_on_a_standby_idem_held_and_idem_stats_work_and_the_launcher_starts_on_p
                 with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
                     replica.execute("SELECT idem_begin('sb-new', lease => '1 minute')")
                 assert stats(replica)["begin_started"] == replica_before["begin_started"]
-            as_postgres(standby.pg_ctl, "-D", standby.data, "-w", "promote")
+            preloaded.as_postgres(standby.pg_ctl, "-D", standby.data, "-w", "promote")
             with standby.connect(db) as promoted:
                 assert promoted.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False
                 wait_for(lambda: launchers(promoted), 15, "the launcher starts on the promoted server")
@@ -967,7 +864,7 @@ def test_on_a_standby_idem_held_and_idem_stats_work_and_the_launcher_starts_on_p
                 assert stats(promoted)["keys_purged"] >= 100
         finally:
             standby.stop()
-        assert crashes(standby.log) == []
+        assert standby.crashes() == []
         configure(primary, "idempotency.purge_databases")
         wait_purged([primary], "sb-exp-", 10)
 
@@ -1011,8 +908,8 @@ def test_sigkill_of_a_purge_worker_restarts_the_server_and_purging_goes_on(serve
         # Counted since the restart: at most the keys left after the crash.
         assert 0 < stats(conn)["keys_purged"] <= 1001
         conn.execute("DROP TRIGGER purge_gate ON idempotency.keys")
-    with open(LOG) as f:
-        assert len([line for line in f if KILLED.search(line)]) == server.kills
+    with open(server.log) as f:
+        assert len([line for line in f if preloaded.KILLED.search(line)]) == server.kills
 
 
 def test_idem_held_over_200k_keys(server):
