@@ -39,7 +39,7 @@ CREATE FUNCTION idem_begin(
     wait interval DEFAULT '0')
 RETURNS idem_begin_result
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.4.0', 'idem_begin';
+AS '$libdir/idempotency-0.5.0', 'idem_begin';
 COMMENT ON FUNCTION idem_begin IS 'Claim an idempotency key: started, completed, failed, in_progress or mismatch';
 
 CREATE FUNCTION idem_finish(
@@ -53,7 +53,7 @@ CREATE FUNCTION idem_finish(
     response_body bytea DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.4.0', 'idem_finish';
+AS '$libdir/idempotency-0.5.0', 'idem_finish';
 COMMENT ON FUNCTION idem_finish IS 'Store the result of a key this transaction (or this token) holds';
 
 CREATE FUNCTION idem_fail(
@@ -68,7 +68,7 @@ CREATE FUNCTION idem_fail(
     response_body bytea DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.4.0', 'idem_fail';
+AS '$libdir/idempotency-0.5.0', 'idem_fail';
 COMMENT ON FUNCTION idem_fail IS 'Release a held key for a retry, or store a permanent failure';
 
 CREATE FUNCTION idem_checkpoint(
@@ -78,13 +78,13 @@ CREATE FUNCTION idem_checkpoint(
     token bigint DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.4.0', 'idem_checkpoint';
+AS '$libdir/idempotency-0.5.0', 'idem_checkpoint';
 COMMENT ON FUNCTION idem_checkpoint IS 'Record a recovery point for a held key and renew its lease';
 
 CREATE FUNCTION idem_once(key text, scope text DEFAULT '')
 RETURNS boolean
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.4.0', 'idem_once';
+AS '$libdir/idempotency-0.5.0', 'idem_once';
 COMMENT ON FUNCTION idem_once IS 'Record a key in the deduplication ledger: true the first time, false after';
 
 -- The upsert helpers run with the caller's privileges (SECURITY INVOKER):
@@ -92,25 +92,25 @@ COMMENT ON FUNCTION idem_once IS 'Record a key in the deduplication ledger: true
 CREATE FUNCTION idem_upsert(target regclass, data jsonb, conflict_columns text[] DEFAULT NULL)
 RETURNS text
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.4.0', 'idem_upsert';
+AS '$libdir/idempotency-0.5.0', 'idem_upsert';
 COMMENT ON FUNCTION idem_upsert IS 'Insert a row, or update the row it conflicts with: inserted, updated or unchanged';
 
 CREATE FUNCTION idem_insert_once(target regclass, data jsonb, conflict_columns text[] DEFAULT NULL)
 RETURNS boolean
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.4.0', 'idem_insert_once';
+AS '$libdir/idempotency-0.5.0', 'idem_insert_once';
 COMMENT ON FUNCTION idem_insert_once IS 'Insert a row unless a conflicting row exists; true if it inserted';
 
 CREATE FUNCTION idem_canonical(value jsonb)
 RETURNS text
 LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
-AS '$libdir/idempotency-0.4.0', 'idem_canonical';
+AS '$libdir/idempotency-0.5.0', 'idem_canonical';
 COMMENT ON FUNCTION idem_canonical IS 'The RFC 8785 canonical JSON text of a value';
 
 CREATE FUNCTION idem_fingerprint(value jsonb)
 RETURNS text
 LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
-AS '$libdir/idempotency-0.4.0', 'idem_fingerprint';
+AS '$libdir/idempotency-0.5.0', 'idem_fingerprint';
 COMMENT ON FUNCTION idem_fingerprint IS 'Lowercase hex SHA-256 of idem_canonical(value)';
 
 -- Read-only, so it works on a hot standby. Shows the committed state (and
@@ -132,7 +132,7 @@ RETURNS TABLE (
     response_headers jsonb,
     response_body bytea)
 LANGUAGE c VOLATILE PARALLEL SAFE ROWS 1
-AS '$libdir/idempotency-0.4.0', 'idem_get';
+AS '$libdir/idempotency-0.5.0', 'idem_get';
 COMMENT ON FUNCTION idem_get IS 'The committed state of a key, or no row when it is unknown, expired or another role''s';
 
 -- Deletes up to batch_size expired keys (NULL: all of them) and returns how
@@ -145,7 +145,7 @@ CREATE FUNCTION idem_purge(batch_size integer DEFAULT 10000)
 RETURNS bigint
 LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-AS '$libdir/idempotency-0.4.0', 'idem_purge';
+AS '$libdir/idempotency-0.5.0', 'idem_purge';
 COMMENT ON FUNCTION idem_purge IS 'Delete up to batch_size expired keys; returns how many';
 REVOKE EXECUTE ON FUNCTION idem_purge FROM PUBLIC;
 
@@ -178,13 +178,13 @@ CREATE FUNCTION idem_stats(
     OUT stats_reset timestamptz)
 RETURNS SETOF record
 LANGUAGE c VOLATILE PARALLEL SAFE ROWS 1
-AS '$libdir/idempotency-0.4.0', 'idem_stats';
+AS '$libdir/idempotency-0.5.0', 'idem_stats';
 COMMENT ON FUNCTION idem_stats IS 'What the idem_* functions answered since the last reset, cluster-wide';
 
 CREATE FUNCTION idem_stats_reset()
 RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE
-AS '$libdir/idempotency-0.4.0', 'idem_stats_reset';
+AS '$libdir/idempotency-0.5.0', 'idem_stats_reset';
 COMMENT ON FUNCTION idem_stats_reset IS 'Zero the counters of idem_stats()';
 REVOKE EXECUTE ON FUNCTION idem_stats_reset FROM PUBLIC;
 
@@ -203,7 +203,7 @@ CREATE FUNCTION idem_held_keys(
     OUT created_at timestamptz)
 RETURNS SETOF record
 LANGUAGE c VOLATILE PARALLEL RESTRICTED
-AS '$libdir/idempotency-0.4.0', 'idem_held_keys';
+AS '$libdir/idempotency-0.5.0', 'idem_held_keys';
 COMMENT ON FUNCTION idem_held_keys IS 'Keys in progress that have a row, for the idem_held view';
 
 -- What is held now, for an operator chasing a stuck job. mode:

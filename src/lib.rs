@@ -13,11 +13,14 @@
 //!   background worker.
 //! - `observability/`: `idem_stats()` counters in shared memory and the
 //!   keys held now.
+//! - `citus/`: on a Citus cluster, the shard of the key tables that holds
+//!   a scope's rows (`idem_distribute()` in `sql/citus.sql`).
 //! - `canonical/`: RFC 8785 canonical JSON and SHA-256 fingerprints.
 //! - `pg/`: glue to PostgreSQL: function calls, errors, settings.
 use pgrx::prelude::*;
 
 mod canonical;
+mod citus;
 mod keys;
 mod ledger;
 mod observability;
@@ -29,6 +32,7 @@ mod upsert;
 ::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/citus.sql", name = "citus");
 extension_sql_file!("../sql/functions.sql", name = "functions", finalize);
 
 #[allow(non_snake_case)]

@@ -413,6 +413,7 @@ fn begin(
                     lease,
                     now,
                     owner::current_role_name(),
+                    None,
                 );
                 let tid = insert::insert_key_row(&claim.row(scope, key));
                 lock.release();
@@ -462,6 +463,7 @@ fn begin(
                             lease,
                             now,
                             owner::current_role_name(),
+                            row.token,
                         )
                     }
                     IN_PROGRESS if row.own => {
@@ -497,6 +499,7 @@ fn begin(
                         lease,
                         now,
                         row.owner.clone().unwrap_or_else(owner::current_role_name),
+                        row.token,
                     ),
                     // Finished while this caller waited for the lock.
                     COMPLETED | FAILED => {
@@ -588,6 +591,11 @@ fn answer_busy(
     None
 }
 
+/// `previous_token` is the last token the key's row holds: a new one is
+/// larger still. On one server the sequence alone sees to that; on Citus
+/// each node has its own sequence, and a key that moved with its shard
+/// must not go back to a smaller token.
+#[allow(clippy::too_many_arguments)]
 fn new_claim<'a>(
     attempt: i32,
     fingerprint: Option<&'a [u8; 32]>,
@@ -596,11 +604,15 @@ fn new_claim<'a>(
     lease: Option<&'a pg_sys::Interval>,
     now: pg_sys::TimestampTz,
     owner: String,
+    previous_token: Option<i64>,
 ) -> Claim<'a> {
     let (locked_until, token) = match lease {
         Some(iv) => (
             Some(fmgr::timestamptz_plus(now, iv)),
-            Some(statements::next_token()),
+            Some(
+                statements::next_token()
+                    .max(previous_token.map_or(i64::MIN, |t| t.saturating_add(1))),
+            ),
         ),
         None => (None, None),
     };

@@ -32,16 +32,17 @@ pub type Tid = pg_sys::ItemPointerData;
 
 /// Inserts a row of `which`, given as one value per column of
 /// `which.columns()` (None is NULL); returns where it went.
-fn insert(which: Which, row: &[Option<pg_sys::Datum>]) -> Tid {
+/// `scope` is the row's scope, which on Citus picks the shard.
+fn insert(which: Which, scope: &str, row: &[Option<pg_sys::Datum>]) -> Tid {
     assert_eq!(row.len(), which.columns().len());
-    let (heap, cat) = tables::open(which, pg_sys::RowExclusiveLock);
-    let table = cat.table(which);
+    let (heap, table) = tables::open(which, scope, pg_sys::RowExclusiveLock);
+    let table = &*table;
     if table.plain && !heap.has_triggers() {
         if let Some(indexes) = plain_indexes(&heap) {
             return direct(&heap, table, row, &indexes);
         }
     }
-    statements::insert_row(which, row)
+    statements::insert_row(which, scope, row)
 }
 
 struct Index {
@@ -185,7 +186,7 @@ pub fn insert_key_row(row: &KeyRow) -> Tid {
     values[K_LEASE] = row
         .lease
         .map(|iv| pg_sys::Datum::from(iv as *const pg_sys::Interval));
-    insert(Which::Keys, &values)
+    insert(Which::Keys, row.scope, &values)
 }
 
 /// Records a key in the `idem_once` ledger.
@@ -194,5 +195,5 @@ pub fn insert_once_row(scope: &str, key: &str, recorded_at: pg_sys::TimestampTz)
     values[O_SCOPE] = scope.into_datum();
     values[O_KEY] = key.into_datum();
     values[O_RECORDED_AT] = Some(pg_sys::Datum::from(recorded_at));
-    insert(Which::Once, &values)
+    insert(Which::Once, scope, &values)
 }

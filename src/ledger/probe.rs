@@ -76,8 +76,8 @@ fn scan(
     key: &str,
     mut visit: impl FnMut(*mut pg_sys::TupleTableSlot, &Table, Version),
 ) {
-    let (heap, cat) = open(which, pg_sys::AccessShareLock);
-    let table = cat.table(which);
+    let (heap, table) = open(which, scope, pg_sys::AccessShareLock);
+    let table = &*table;
     let index = Rel::index(heap.primary_key(), pg_sys::AccessShareLock);
     // The scan keys below are the index's first two columns: they must be
     // scope and key, in that order.
@@ -340,10 +340,15 @@ pub struct InProgress {
 /// one pass over the whole table: committed claims (leases), and claims
 /// other open transactions (or this one) have written but not committed.
 /// A version another transaction is replacing or deleting is left out:
-/// its successor, if any, is seen on its own.
+/// its successor, if any, is seen on its own. On Citus, every shard of the
+/// key table that this node holds.
 pub fn in_progress(mut visit: impl FnMut(InProgress)) {
-    let (heap, cat) = open(Which::Keys, pg_sys::AccessShareLock);
-    let table = cat.table(Which::Keys);
+    for (heap, table) in open_all(Which::Keys, pg_sys::AccessShareLock) {
+        in_progress_in(&heap, &table, &mut visit);
+    }
+}
+
+fn in_progress_in(heap: &Rel, table: &Table, visit: &mut impl FnMut(InProgress)) {
     let mut snapshot = pg_sys::SnapshotData {
         snapshot_type: pg_sys::SnapshotType::SNAPSHOT_DIRTY,
         ..Default::default()
@@ -368,7 +373,7 @@ pub fn in_progress(mut visit: impl FnMut(InProgress)) {
             std::ptr::null_mut(),
             flags,
         ));
-        let slot = Slot::for_table(&heap);
+        let slot = Slot::for_table(heap);
         while pg_sys::heap_getnextslot(scan.0, pg_sys::ScanDirection::ForwardScanDirection, slot.0)
         {
             pgrx::check_for_interrupts!();
@@ -384,7 +389,7 @@ pub fn in_progress(mut visit: impl FnMut(InProgress)) {
             if inserting != pg_sys::InvalidTransactionId && replaced((*tuple).t_data) {
                 continue;
             }
-            row_memory.switch_to(|_| read_in_progress(slot.0, tuple, table, inserting, &mut visit));
+            row_memory.switch_to(|_| read_in_progress(slot.0, tuple, table, inserting, visit));
             row_memory.reset();
         }
     }

@@ -11,11 +11,12 @@
 //! table's statistics say, and costs no index descent. The scope and key are
 //! checked again on the row, and a row changed since (only a purge can) is
 //! simply not found, which the callers treat as "look again".
-use super::tables::Which;
+use super::tables::{self, Which};
 use crate::pg::relation::{self, Spi};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::CString;
 
 const TEXT: pg_sys::Oid = pg_sys::TEXTOID;
@@ -33,7 +34,7 @@ const THIS_ROW: &str = "WHERE ctid OPERATOR(pg_catalog.=) $1 \
      AND scope OPERATOR(pg_catalog.=) $2 AND key OPERATOR(pg_catalog.=) $3 RETURNING ctid";
 
 /// A claim of a key that has a row: released, expired or taken over.
-const UPDATE_CLAIM: &str = "UPDATE idempotency.keys SET status = 'p', attempt = $4, \
+const UPDATE_CLAIM: &str = "UPDATE {table} SET status = 'p', attempt = $4, \
      fingerprint = $5, recovery_point = $6, created_at = COALESCE($7, created_at), \
      locked_until = $8, token = $9, lease = $10, owner = $11, result = NULL, finished_at = NULL, \
      expires_at = NULL, response_status = NULL, response_headers = NULL, response_body = NULL";
@@ -42,14 +43,14 @@ const CLAIM_TYPES: &[pg_sys::Oid] = &[
 ];
 
 /// The outcome: completed, failed, or released for a retry.
-const UPDATE_OUTCOME: &str = "UPDATE idempotency.keys SET status = $4, result = $5, \
+const UPDATE_OUTCOME: &str = "UPDATE {table} SET status = $4, result = $5, \
      finished_at = $6, expires_at = $7, locked_until = NULL, response_status = $8, \
      response_headers = $9, response_body = $10";
 const UPDATE_OUTCOME_TYPES: &[pg_sys::Oid] =
     &[TID, TEXT, TEXT, CHAR, JSONB, TSTZ, TSTZ, INT4, JSONB, BYTEA];
 
 /// A recovery point; a lease is renewed for as long as it was taken.
-const UPDATE_CHECKPOINT: &str = "UPDATE idempotency.keys SET recovery_point = $4, \
+const UPDATE_CHECKPOINT: &str = "UPDATE {table} SET recovery_point = $4, \
      locked_until = $5 OPERATOR(pg_catalog.+) lease";
 const UPDATE_CHECKPOINT_TYPES: &[pg_sys::Oid] = &[TID, TEXT, TEXT, TEXT, TSTZ];
 
@@ -59,7 +60,8 @@ const NEXT_TOKEN: &str = "SELECT pg_catalog.nextval('idempotency.tokens'::pg_cat
 
 /// A key's committed state for `idem_get`, in its result's columns, then
 /// the owner. Every operator, type and collation is qualified, and the
-/// collation is the index's, so that the primary key is used.
+/// collation is the index's, so that the primary key is used (on a Citus
+/// shard, whose scope has the tenant column's collation, the column's own).
 const READ_KEY: &str = "SELECT CASE \
      WHEN status OPERATOR(pg_catalog.=) 'p'::pg_catalog.\"char\" THEN 'in_progress' \
      WHEN status OPERATOR(pg_catalog.=) 'c'::pg_catalog.\"char\" THEN 'completed' \
@@ -68,8 +70,8 @@ const READ_KEY: &str = "SELECT CASE \
      result, attempt, recovery_point, pg_catalog.encode(fingerprint, 'hex'), \
      created_at, finished_at, expires_at, locked_until, \
      response_status, response_headers, response_body, owner \
-     FROM idempotency.keys \
-     WHERE scope OPERATOR(pg_catalog.=) ($1 COLLATE pg_catalog.\"C\") \
+     FROM {table} \
+     WHERE scope OPERATOR(pg_catalog.=) ($1 {collate}) \
      AND key OPERATOR(pg_catalog.=) ($2 COLLATE pg_catalog.\"C\") \
      AND (expires_at IS NULL OR expires_at OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp())";
 
@@ -92,7 +94,7 @@ enum Stmt {
     ReadKey = 6,
 }
 
-/// `INSERT INTO idempotency.<table> (every column) VALUES ($1, ...)`, for
+/// `INSERT INTO {table} (every column of which) VALUES ($1, ...)`, for
 /// rows that `insert` cannot write directly.
 fn insert_sql(which: Which) -> (String, Vec<pg_sys::Oid>) {
     let columns = which.columns();
@@ -106,16 +108,21 @@ fn insert_sql(which: Which) -> (String, Vec<pg_sys::Oid>) {
         .collect::<Vec<_>>()
         .join(", ");
     (
-        format!(
-            "INSERT INTO idempotency.{} ({names}) VALUES ({params}) RETURNING ctid",
-            which.name().to_str().expect("ASCII table names")
-        ),
+        format!("INSERT INTO {{table}} ({names}) VALUES ({params}) RETURNING ctid"),
         columns.iter().map(|c| c.type_oid).collect(),
     )
 }
 
-fn sql_of(stmt: Stmt) -> (String, Vec<pg_sys::Oid>) {
-    match stmt {
+/// The table a statement works on: the table itself (`idempotency.keys`
+/// or `idempotency.once`), or on Citus one of its shards on this node.
+#[derive(Clone, Copy)]
+enum On {
+    Table,
+    Shard(pg_sys::Oid),
+}
+
+fn sql_of(stmt: Stmt, on: On) -> (String, Vec<pg_sys::Oid>) {
+    let (template, types) = match stmt {
         Stmt::UpdateClaim => (format!("{UPDATE_CLAIM} {THIS_ROW}"), CLAIM_TYPES.to_vec()),
         Stmt::UpdateOutcome => (
             format!("{UPDATE_OUTCOME} {THIS_ROW}"),
@@ -129,6 +136,32 @@ fn sql_of(stmt: Stmt) -> (String, Vec<pg_sys::Oid>) {
         Stmt::InsertKeys => insert_sql(Which::Keys),
         Stmt::InsertOnce => insert_sql(Which::Once),
         Stmt::ReadKey => (READ_KEY.to_string(), vec![TEXT, TEXT]),
+    };
+    let (table, collate) = match on {
+        On::Table => (
+            format!(
+                "idempotency.{}",
+                stmt.which().name().to_str().expect("ASCII table names")
+            ),
+            "COLLATE pg_catalog.\"C\"".to_string(),
+        ),
+        On::Shard(oid) => (crate::citus::qualified_name(oid), String::new()),
+    };
+    (
+        template
+            .replace("{table}", &table)
+            .replace("{collate}", &collate),
+        types,
+    )
+}
+
+impl Stmt {
+    /// The table the statement works on.
+    fn which(self) -> Which {
+        match self {
+            Stmt::InsertOnce => Which::Once,
+            _ => Which::Keys,
+        }
     }
 }
 
@@ -136,6 +169,9 @@ const COUNT: usize = 7;
 
 thread_local! {
     static PLANS: RefCell<[Option<pg_sys::SPIPlanPtr>; COUNT]> = const { RefCell::new([None; COUNT]) };
+    /// On Citus, the statements on this node's shards, by shard table.
+    static SHARD_PLANS: RefCell<HashMap<(usize, pg_sys::Oid), pg_sys::SPIPlanPtr>> =
+        RefCell::new(HashMap::new());
 }
 
 /// A parameter value: a datum, or NULL.
@@ -144,17 +180,30 @@ pub type Param = Option<pg_sys::Datum>;
 /// A row's address in `idempotency.keys`.
 pub type Tid = pg_sys::ItemPointerData;
 
-fn plan(stmt: Stmt) -> pg_sys::SPIPlanPtr {
-    PLANS.with(|p| {
-        let mut plans = p.borrow_mut();
-        if let Some(plan) = plans[stmt as usize] {
-            return plan;
-        }
-        let (sql, types) = sql_of(stmt);
-        let plan = prepare_kept(&sql, &types);
-        plans[stmt as usize] = Some(plan);
-        plan
-    })
+fn plan(stmt: Stmt, on: On) -> pg_sys::SPIPlanPtr {
+    match on {
+        On::Table => PLANS.with(|p| {
+            let mut plans = p.borrow_mut();
+            if let Some(plan) = plans[stmt as usize] {
+                return plan;
+            }
+            let (sql, types) = sql_of(stmt, on);
+            let plan = prepare_kept(&sql, &types);
+            plans[stmt as usize] = Some(plan);
+            plan
+        }),
+        // A shard's table is named by its OID, which is never reused while
+        // the plan lives: a plan of a shard that moved away is never run
+        // again.
+        On::Shard(oid) => SHARD_PLANS.with(|p| {
+            *p.borrow_mut()
+                .entry((stmt as usize, oid))
+                .or_insert_with(|| {
+                    let (sql, types) = sql_of(stmt, on);
+                    prepare_kept(&sql, &types)
+                })
+        }),
+    }
 }
 
 /// Prepares `sql` with parameters of `types` and keeps the plan for the
@@ -186,14 +235,27 @@ enum First {
 
 /// Runs `stmt` as the key table's owner, like the body of a SECURITY
 /// DEFINER function: the caller needs no rights on the `idempotency` schema.
-fn execute(stmt: Stmt, params: &[Param]) -> (u64, First) {
-    let owner = super::catalog().owner;
-    relation::as_role(owner, || execute_as_owner(stmt, params))
+/// `scope` is the scope of the row it writes, which on Citus picks the
+/// shard (None: a statement on no table).
+fn execute(stmt: Stmt, scope: Option<&str>, params: &[Param]) -> (u64, First) {
+    let cat = super::catalog();
+    let on = target(&cat, stmt.which(), scope, pg_sys::RowExclusiveLock);
+    relation::as_role(cat.owner, || execute_as_owner(stmt, on, params))
 }
 
-fn execute_as_owner(stmt: Stmt, params: &[Param]) -> (u64, First) {
+/// Where a statement on `scope`'s rows of `which` runs: on Citus, the
+/// scope's shard on this node, locked in `mode` (the row's probe locked it
+/// already, unless the statement reads).
+fn target(cat: &tables::Catalog, which: Which, scope: Option<&str>, mode: u32) -> On {
+    match scope {
+        Some(scope) if cat.distributed() => On::Shard(tables::locate(which, scope, mode).0),
+        _ => On::Table,
+    }
+}
+
+fn execute_as_owner(stmt: Stmt, on: On, params: &[Param]) -> (u64, First) {
     let _spi = Spi::connect();
-    let plan = plan(stmt);
+    let plan = plan(stmt, on);
     let mut values: Vec<pg_sys::Datum> = params
         .iter()
         .map(|p| p.unwrap_or(pg_sys::Datum::from(0usize)))
@@ -234,12 +296,12 @@ fn execute_as_owner(stmt: Stmt, params: &[Param]) -> (u64, First) {
 
 /// Inserts a row with SQL, for when the table needs more than a direct
 /// insert (see `insert`): one value per column of `which.columns()`.
-pub fn insert_row(which: Which, row: &[Param]) -> Tid {
+pub fn insert_row(which: Which, scope: &str, row: &[Param]) -> Tid {
     let stmt = match which {
         Which::Keys => Stmt::InsertKeys,
         Which::Once => Stmt::InsertOnce,
     };
-    match execute(stmt, row) {
+    match execute(stmt, Some(scope), row) {
         (1, First::Tid(t)) => t,
         _ => pgrx::error!(
             "the insert into idempotency.{} returned no row",
@@ -337,6 +399,7 @@ impl Claim<'_> {
 pub fn update_claim(at: &Tid, scope: &str, key: &str, claim: &Claim) -> Option<Tid> {
     written(execute(
         Stmt::UpdateClaim,
+        Some(scope),
         &claim.params(tid(at), scope, key),
     ))
 }
@@ -370,7 +433,7 @@ pub fn update_outcome(
         outcome.response.headers,
         outcome.response.body,
     ];
-    written(execute(Stmt::UpdateOutcome, &params))
+    written(execute(Stmt::UpdateOutcome, Some(scope), &params))
 }
 
 /// Records a recovery point and renews a lease.
@@ -388,12 +451,12 @@ pub fn update_checkpoint(
         opt_text(recovery_point),
         int8(Some(now)),
     ];
-    written(execute(Stmt::UpdateCheckpoint, &params))
+    written(execute(Stmt::UpdateCheckpoint, Some(scope), &params))
 }
 
 /// The next fencing token.
 pub fn next_token() -> i64 {
-    match execute(Stmt::NextToken, &[]) {
+    match execute(Stmt::NextToken, None, &[]) {
         (1, First::Int8(t)) => t,
         _ => pgrx::error!("idempotency.tokens returned no value"),
     }
@@ -408,10 +471,11 @@ pub fn read_key(
     key: &str,
     emit: impl FnOnce(&mut [pg_sys::Datum], &mut [bool], Option<&str>),
 ) {
-    let owner = super::catalog().owner;
-    relation::as_role(owner, || {
+    let cat = super::catalog();
+    let on = target(&cat, Which::Keys, Some(scope), pg_sys::AccessShareLock);
+    relation::as_role(cat.owner, || {
         let _spi = Spi::connect();
-        let plan = plan(Stmt::ReadKey);
+        let plan = plan(Stmt::ReadKey, on);
         let mut params = [text(scope).expect("text"), text(key).expect("text")];
         let nulls = [b' ' as std::ffi::c_char; 2];
         // SAFETY: the plan takes two text parameters, passed with their

@@ -7,10 +7,12 @@
 //! (ALTER TABLE, DROP/CREATE EXTENSION, an index built or dropped). Callers
 //! open a table through `open`, which locks it first and only then takes
 //! the description, so that what they read matches the table they hold.
+use crate::citus::{self, Shards};
 use crate::pg::errors::{error, Code};
 use crate::pg::relation::{self, Rel};
 use pgrx::pg_sys;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::rc::Rc;
 
@@ -138,11 +140,17 @@ impl Table {
 }
 
 pub struct Catalog {
-    pub keys: Table,
-    pub once: Table,
+    pub keys: Rc<Table>,
+    pub once: Rc<Table>,
     /// The role that owns the key table (the extension's owner): the
     /// prepared statements run as it, as SECURITY DEFINER functions would.
     pub owner: pg_sys::Oid,
+    /// On Citus, once `idem_distribute()` ran, the shards of each table:
+    /// the rows are there, and the tables themselves are empty shells.
+    keys_shards: Option<Shards>,
+    once_shards: Option<Shards>,
+    /// Descriptions of this node's shards, made when first opened.
+    shard_tables: RefCell<HashMap<pg_sys::Oid, Rc<Table>>>,
 }
 
 impl Catalog {
@@ -151,6 +159,35 @@ impl Catalog {
             Which::Keys => &self.keys,
             Which::Once => &self.once,
         }
+    }
+
+    fn shards(&self, which: Which) -> Option<&Shards> {
+        match which {
+            Which::Keys => self.keys_shards.as_ref(),
+            Which::Once => self.once_shards.as_ref(),
+        }
+    }
+
+    /// Whether the tables are distributed by Citus.
+    pub fn distributed(&self) -> bool {
+        self.keys_shards.is_some()
+    }
+
+    /// The description of `rel`, a table of `which` that `locate` locked:
+    /// the table itself or one of its shards on this node.
+    fn described(&self, which: Which, rel: &Rel) -> Rc<Table> {
+        let main = match which {
+            Which::Keys => &self.keys,
+            Which::Once => &self.once,
+        };
+        if rel.oid() == main.oid {
+            return main.clone();
+        }
+        self.shard_tables
+            .borrow_mut()
+            .entry(rel.oid())
+            .or_insert_with(|| Rc::new(table(rel, which)))
+            .clone()
     }
 }
 
@@ -168,7 +205,11 @@ fn forget(relid: pg_sys::Oid) {
     let _ = CATALOG.try_with(|c| {
         let mut c = c.borrow_mut();
         let hit = c.as_ref().is_some_and(|cat| {
-            relid == pg_sys::InvalidOid || relid == cat.keys.oid || relid == cat.once.oid
+            relid == pg_sys::InvalidOid
+                || relid == cat.keys.oid
+                || relid == cat.once.oid
+                || cat.keys_shards.as_ref().is_some_and(|s| s.holds(relid))
+                || cat.once_shards.as_ref().is_some_and(|s| s.holds(relid))
         });
         if hit {
             *c = None;
@@ -191,30 +232,91 @@ pub fn catalog() -> Rc<Catalog> {
     c
 }
 
-/// Locks `which` in `mode` and opens it, with the description of the table
-/// now locked: an invalidation processed while taking the lock (the table
-/// was altered, or dropped and created again) makes it look again.
-pub fn open(which: Which, mode: u32) -> (Rel, Rc<Catalog>) {
+/// Where `scope`'s rows of `which` are in `cat`: the Citus shard (None
+/// for a plain table) and the table on this node (None: another node holds
+/// the shard).
+fn place(cat: &Catalog, which: Which, scope: &str) -> (Option<i64>, Option<pg_sys::Oid>) {
+    match cat.shards(which) {
+        None => (None, Some(cat.table(which).oid)),
+        Some(shards) => {
+            let shard = shards.of(scope, which.name());
+            (Some(shard.id), shard.local)
+        }
+    }
+}
+
+/// Locks, in `mode`, the table that holds `scope`'s rows of `which`: the
+/// table itself, or on Citus the scope's shard on this node (with Citus's
+/// shard metadata lock first, so that the shard cannot move away before
+/// the transaction ends). Returns it with the description of the tables
+/// as they are now locked: an invalidation processed while taking a lock
+/// (the table was altered, dropped and created again, or the shard moved)
+/// makes it look again.
+pub fn locate(which: Which, scope: &str, mode: u32) -> (pg_sys::Oid, Rc<Catalog>) {
     loop {
         let before = catalog();
-        let oid = before.table(which).oid;
+        let at = place(&before, which, scope);
+        if let Some(shard) = at.0 {
+            citus::lock_shard(shard);
+            if cached().is_none_or(|now| place(&now, which, scope) != at) {
+                continue;
+            }
+        }
+        let Some(oid) = at.1 else {
+            citus::elsewhere(scope);
+        };
         relation::lock(oid, mode);
         if let Some(now) = cached() {
-            if now.table(which).oid == oid {
-                // SAFETY: `oid` is locked, and the description that names
-                // it survived the invalidations the lock processed, so the
-                // table exists and cannot be dropped while we hold it.
-                let rel = unsafe { Rel::open_locked(oid) };
-                if rel.natts() != now.table(which).natts {
-                    // The description is forgotten on every change of the
-                    // descriptor; this would be a bug, so refuse to go on.
-                    shape_error(which, "its descriptor changed while it was locked".into());
-                }
-                return (rel, now);
+            if place(&now, which, scope) == at {
+                return (oid, now);
             }
         }
         // Invalidated while we waited for the lock: describe it again. The
         // lock stays held, as a statement's would.
+    }
+}
+
+/// Locks and opens the table that holds `scope`'s rows of `which` (see
+/// `locate`), with the description of what was opened.
+pub fn open(which: Which, scope: &str, mode: u32) -> (Rel, Rc<Table>) {
+    let (oid, cat) = locate(which, scope, mode);
+    // SAFETY: `oid` is locked, and the description that names it survived
+    // the invalidations the lock processed, so the table exists and cannot
+    // be dropped while we hold it.
+    let rel = unsafe { Rel::open_locked(oid) };
+    let table = cat.described(which, &rel);
+    if rel.natts() != table.natts {
+        // The description is forgotten on every change of the descriptor;
+        // this would be a bug, so refuse to go on.
+        shape_error(which, "its descriptor changed while it was locked".into());
+    }
+    (rel, table)
+}
+
+/// Locks (in `mode`) and opens every table of `which` that holds rows on
+/// this node: the table itself, or on Citus this node's shards of it.
+pub fn open_all(which: Which, mode: u32) -> Vec<(Rel, Rc<Table>)> {
+    loop {
+        let before = catalog();
+        let oids: Vec<pg_sys::Oid> = match before.shards(which) {
+            None => vec![before.table(which).oid],
+            Some(shards) => shards.local().collect(),
+        };
+        for oid in &oids {
+            relation::lock(*oid, mode);
+        }
+        if cached().is_some_and(|now| Rc::ptr_eq(&now, &before)) {
+            return oids
+                .into_iter()
+                .map(|oid| {
+                    // SAFETY: locked, and still named by the description
+                    // after the invalidations the locks processed.
+                    let rel = unsafe { Rel::open_locked(oid) };
+                    let table = before.described(which, &rel);
+                    (rel, table)
+                })
+                .collect();
+        }
     }
 }
 
@@ -278,10 +380,47 @@ fn describe() -> Catalog {
     let (keys, once) = unsafe { (Rel::open_locked(keys_oid), Rel::open_locked(once_oid)) };
     // SAFETY: rd_rel of an open relation is its pg_class row.
     let owner = unsafe { (*(*keys.as_ptr()).rd_rel).relowner };
+    let keys_table = table(&keys, Which::Keys);
+    let once_table = table(&once, Which::Once);
+    // On Citus, the shards: read as the owner, who may read the metadata.
+    let (keys_shards, once_shards) = if citus::installed() {
+        let collation = |rel: &Rel, t: &Table, which: Which| {
+            rel.attributes()[t.pos(scope_index(which))].attcollation
+        };
+        relation::as_role(owner, || {
+            (
+                citus::shards(
+                    keys_oid,
+                    nsp,
+                    Which::Keys.name(),
+                    collation(&keys, &keys_table, Which::Keys),
+                ),
+                citus::shards(
+                    once_oid,
+                    nsp,
+                    Which::Once.name(),
+                    collation(&once, &once_table, Which::Once),
+                ),
+            )
+        })
+    } else {
+        (None, None)
+    };
     Catalog {
-        keys: table(&keys, Which::Keys),
-        once: table(&once, Which::Once),
+        keys: Rc::new(keys_table),
+        once: Rc::new(once_table),
         owner,
+        keys_shards,
+        once_shards,
+        shard_tables: RefCell::new(HashMap::new()),
+    }
+}
+
+/// The position of `scope` among `which.columns()`.
+fn scope_index(which: Which) -> usize {
+    match which {
+        Which::Keys => K_SCOPE,
+        Which::Once => O_SCOPE,
     }
 }
 

@@ -1,0 +1,131 @@
+-- Citus: scale out with each tenant's keys beside its rows (docs/citus.md).
+--
+-- idem_distribute(colocate_with) runs once, on the coordinator, after the
+-- application's tenant table is distributed by its tenant column. It makes
+-- idempotency.keys and idempotency.once distributed by scope and co-located
+-- with that table, so that a tenant's keys are in the shard group of its
+-- rows and move with them, and delegates every function that takes a scope
+-- to the node that holds the scope's shard (force_delegation: also inside a
+-- transaction block, which Citus then runs on that node). There, the
+-- functions read and write the shard directly, in the caller's transaction
+-- (src/citus/). A scope is then a tenant id, as the tenant column holds it.
+--
+-- Co-location needs distribution columns of one type and collation: the
+-- tenant column must be text (a scope is text), of a deterministic
+-- collation (keys are compared byte for byte), which scope takes on. A
+-- second call with the same table does nothing; without Citus it refuses.
+-- Plain PL/pgSQL: it references Citus's catalogs and functions only when
+-- it runs.
+CREATE FUNCTION idem_distribute(colocate_with regclass)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $distribute$
+DECLARE
+    method "char";
+    tenant_group integer;
+    tenant_column text;
+    tenant_type oid;
+    tenant_collation oid;
+    collation_name text;
+    keys_group integer;
+    t regclass;
+    f regprocedure;
+    command text;
+    failed text;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') THEN
+        RAISE EXCEPTION 'idem_distribute() needs Citus, which is not installed in database %',
+                        current_database()
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'On a single server there is nothing to distribute: the keys are in idempotency.keys.';
+    END IF;
+    IF NOT citus_is_coordinator() THEN
+        RAISE EXCEPTION 'idem_distribute() runs on the coordinator'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call it once on the coordinator: it prepares every node.';
+    END IF;
+
+    SELECT p.partmethod, p.colocationid, column_to_column_name(p.logicalrelid, p.partkey)
+      INTO method, tenant_group, tenant_column
+      FROM pg_dist_partition AS p
+     WHERE p.logicalrelid = colocate_with;
+    IF method IS DISTINCT FROM 'h' THEN
+        RAISE EXCEPTION 'table % is not distributed by hash', colocate_with
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Distribute it by its tenant column first: SELECT create_distributed_table(%L, ''tenant_id'');',
+                                colocate_with::text);
+    END IF;
+    SELECT a.atttypid, a.attcollation INTO tenant_type, tenant_collation
+      FROM pg_attribute AS a
+     WHERE a.attrelid = colocate_with AND a.attname = tenant_column;
+    IF tenant_type <> 'pg_catalog.text'::regtype THEN
+        RAISE EXCEPTION 'the keys cannot be co-located with table %: its distribution column % is %, and a scope is text',
+                        colocate_with, quote_ident(tenant_column), format_type(tenant_type, NULL)
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Citus co-locates tables whose distribution columns have one type: distribute the tenant table by a text column (its values are the scopes), or keep the keys on the coordinator (docs/citus.md).';
+    END IF;
+    SELECT format('%I.%I', n.nspname, c.collname) INTO collation_name
+      FROM pg_collation AS c JOIN pg_namespace AS n ON n.oid = c.collnamespace
+     WHERE c.oid = tenant_collation AND c.collisdeterministic;
+    IF collation_name IS NULL THEN
+        RAISE EXCEPTION 'the keys cannot be co-located with table %: its distribution column % has a nondeterministic collation',
+                        colocate_with, quote_ident(tenant_column)
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Keys and scopes are compared byte for byte: use a deterministic collation for the tenant column.';
+    END IF;
+
+    SELECT p.colocationid INTO keys_group
+      FROM pg_dist_partition AS p
+     WHERE p.logicalrelid = 'idempotency.keys'::regclass;
+    IF keys_group IS NOT NULL AND keys_group <> tenant_group THEN
+        RAISE EXCEPTION 'the keys are already distributed, co-located with other tables than %', colocate_with
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'A cluster keeps one tenant layout for its keys: co-locate them with a table of that layout.';
+    END IF;
+    IF keys_group IS NULL THEN
+        FOREACH t IN ARRAY ARRAY['idempotency.keys'::regclass, 'idempotency.once'::regclass] LOOP
+            -- The scope takes the tenant column's collation (under a
+            -- deterministic one, the same keys are equal), on every node,
+            -- where the extension created the table too; then the table is
+            -- distributed: its rows move to the shards, and its own heap,
+            -- now a shell, is emptied.
+            IF (SELECT a.attcollation FROM pg_attribute AS a
+                 WHERE a.attrelid = t AND a.attname = 'scope') <> tenant_collation THEN
+                command := format('ALTER TABLE %s ALTER COLUMN scope TYPE pg_catalog.text COLLATE %s',
+                                  t, collation_name);
+                EXECUTE command;
+                SELECT string_agg(format('%s:%s: %s', r.nodename, r.nodeport, r.result), '; ')
+                  INTO failed
+                  FROM run_command_on_workers(command) AS r
+                 WHERE NOT r.success;
+                IF failed IS NOT NULL THEN
+                    RAISE EXCEPTION 'could not change the collation of %.scope on every node: %', t, failed
+                        USING ERRCODE = 'object_not_in_prerequisite_state',
+                              HINT = 'Create the extension on every node (CREATE EXTENSION idempotency on the coordinator propagates it), then call idem_distribute() again.';
+                END IF;
+            END IF;
+            PERFORM create_distributed_table(t, 'scope', colocate_with => colocate_with::text);
+            PERFORM truncate_local_data_after_distributing_table(t);
+        END LOOP;
+    END IF;
+
+    -- Every function that takes a scope runs on the node of its shard.
+    FOR f IN
+        SELECT p.oid::regprocedure
+          FROM pg_proc AS p
+          JOIN pg_depend AS d
+            ON d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+          JOIN pg_extension AS e ON e.oid = d.refobjid
+         WHERE e.extname = 'idempotency'
+           AND p.proname IN ('idem_begin', 'idem_finish', 'idem_fail', 'idem_checkpoint',
+                             'idem_once', 'idem_get')
+         ORDER BY p.proname
+    LOOP
+        PERFORM create_distributed_function(f, 'scope', colocate_with => 'idempotency.keys',
+                                            force_delegation => true);
+    END LOOP;
+END
+$distribute$;
+COMMENT ON FUNCTION idem_distribute IS 'On Citus: distribute the keys by scope, co-located with a tenant table, and delegate the functions to the scope''s node';
+REVOKE EXECUTE ON FUNCTION idem_distribute FROM PUBLIC;
