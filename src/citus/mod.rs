@@ -335,3 +335,10 @@ pub fn qualified_name(relid: pg_sys::Oid) -> String {
             .into_owned()
     }
 }
+
+/// Whether Citus distributes `relid` (any method: hash, single shard,
+/// reference). Call only where Citus is `installed`.
+pub fn distributed(relid: pg_sys::Oid) -> bool {
+    let _spi = Spi::connect();
+    !latest(PARTITION, relid, |_| ()).is_empty()
+}

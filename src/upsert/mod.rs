@@ -99,6 +99,15 @@ fn prepare_call(args: &Args, what: &str) -> Call {
     relation::lock(relid, pg_sys::RowExclusiveLock);
     let target = cache::target(relid);
     let name = &target.name;
+    if target.distributed && what == "idem_upsert" {
+        error(
+            Code::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("idem_upsert cannot write to {name}, a Citus distributed table"),
+        )
+        .detail("Citus cannot ship the statement that compares the stored row with the new one.")
+        .hint("Use idem_insert_once, or INSERT ... ON CONFLICT DO UPDATE, on distributed tables.")
+        .raise();
+    }
 
     let Some(mut entries) = object_entries(row) else {
         error(

@@ -112,6 +112,9 @@ pub struct Target {
     pub namespace_hash: u32,
     pub columns: Vec<Column>,
     pub unique_keys: Vec<UniqueKey>,
+    /// Citus distributes the table: its statements go through Citus's
+    /// planner, which cannot ship idem_upsert's comparison of whole rows.
+    pub distributed: bool,
     /// Where the input functions keep what they cache.
     _context: Context,
     /// The statements prepared for this table, by columns and kind.
@@ -281,12 +284,14 @@ pub fn load(relid: pg_sys::Oid) -> Target {
         })
         .collect();
     let unique_keys = unique_keys(&rel);
+    let distributed = crate::citus::installed() && crate::citus::distributed(relid);
     Target {
         relid,
         name,
         namespace_hash: crate::pg::inval::namespace_hash(namespace),
         columns,
         unique_keys,
+        distributed,
         _context: context,
         plans: RefCell::new(HashMap::new()),
         used: Cell::new(cache::tick()),
