@@ -378,6 +378,15 @@ BEGIN
             PERFORM create_distributed_table(t, 'scope', colocate_with => colocate_with::text);
             PERFORM truncate_local_data_after_distributing_table(t);
         END LOOP;
+        -- A node added later gets the extension as installed, with scope
+        -- in "C": Citus then refuses to place the keys there.
+        IF tenant_collation <> 'pg_catalog."C"'::regcollation THEN
+            RAISE NOTICE 'the scope columns now have the collation %, on every node', collation_name
+                USING HINT = format('Before adding a node to the cluster, run on it: CREATE EXTENSION idempotency; '
+                                    'ALTER TABLE idempotency.keys ALTER COLUMN scope TYPE text COLLATE %1$s; '
+                                    'ALTER TABLE idempotency.once ALTER COLUMN scope TYPE text COLLATE %1$s;',
+                                    collation_name);
+        END IF;
     END IF;
 
     -- Every function that takes a scope runs on the node of its shard.
