@@ -19,9 +19,10 @@
 //! the transactions that use the shard and then switches the placement,
 //! which a call after it sees.
 use crate::pg::errors::{error, Code};
-use crate::pg::relation::Spi;
+use crate::pg::relation::{self, Spi};
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
+use std::cell::RefCell;
 use std::ffi::CStr;
 
 /// One shard of a distributed table: its hash range and, when this node
@@ -253,30 +254,68 @@ fn latest<T>(sql: &str, relid: pg_sys::Oid, mut each: impl FnMut(&Row) -> T) -> 
     }
 }
 
-/// Citus's shard metadata lock (an advisory lock of class 4 keyed by the
-/// shard id, `SET_LOCKTAG_SHARD_METADATA_RESOURCE` in Citus), taken in
-/// share mode to the end of the transaction, as Citus's executor takes it
-/// before it writes to a shard: a shard move or split takes it in
-/// exclusive mode to stop writes before it switches the placement.
-pub fn lock_shard(shard: i64) {
-    let tag = pg_sys::LOCKTAG {
-        // SAFETY: reads a backend global.
-        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
-        locktag_field2: (shard >> 32) as u32,
-        locktag_field3: shard as u32,
-        locktag_field4: 4,
-        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
-        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
-    };
-    // SAFETY: a transaction-level lock on a tag of our making; LockAcquire
-    // waits for it (in deadlock detection) or raises an ERROR. Then the
-    // invalidations sent by whatever held it in exclusive mode (a move
-    // switching the placement) are processed, so that the caller's look at
-    // its cached map afterwards sees them.
-    unsafe {
-        pg_sys::LockAcquire(&tag, pg_sys::ShareLock as i32, false, false);
-        pg_sys::AcceptInvalidationMessages();
+/// Citus's shard metadata lock, taken in share mode to the end of the
+/// transaction through Citus's own `lock_shard_metadata` (which knows the
+/// lock's tag: for co-located shards, one per shard group), as Citus's
+/// executor takes it before it writes to a shard: a shard move or split
+/// takes it in exclusive mode, on every node, to stop writes before it
+/// switches the placement. Run as the key table's owner, whom Citus
+/// requires. Taken once per shard and (sub)transaction: a lock taken in a
+/// subtransaction that rolls back is gone, so a subtransaction takes its
+/// own.
+pub fn lock_shard(shard: i64, owner: pg_sys::Oid) {
+    // SAFETY: reads the backend's current subtransaction id.
+    let now = (crate::pg::process::local_transaction_id(), unsafe {
+        pg_sys::GetCurrentSubTransactionId()
+    });
+    let held = LOCKED.with(|l| {
+        let l = l.borrow();
+        l.0 == now && l.1.contains(&shard)
+    });
+    if held {
+        return;
     }
+    relation::as_role(owner, || {
+        let _spi = Spi::connect();
+        let plan = LOCK_PLAN.with(|p| {
+            *p.borrow_mut().get_or_insert_with(|| {
+                crate::ledger::statements::prepare_kept(LOCK_SHARD, &[pg_sys::INT8OID])
+            })
+        });
+        let mut values = [pg_sys::Datum::from(shard)];
+        let nulls = [b' ' as std::ffi::c_char];
+        // SAFETY: the plan takes one bigint parameter, passed with its
+        // null flag; its one row (void) is not read.
+        let rc = unsafe {
+            pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 1)
+        };
+        if rc < 0 {
+            pgrx::error!("could not lock the shard's metadata: SPI code {rc}");
+        }
+    });
+    // The invalidations sent by whatever held the lock in exclusive mode
+    // (a move switching the placement) are processed now, so that the
+    // caller's look at its cached map afterwards sees them.
+    // SAFETY: processes pending invalidation messages, as taking any lock
+    // on a relation does.
+    unsafe { pg_sys::AcceptInvalidationMessages() };
+    LOCKED.with(|l| {
+        let mut l = l.borrow_mut();
+        if l.0 != now {
+            *l = (now, Vec::new());
+        }
+        l.1.push(shard);
+    });
+}
+
+/// Share mode (5) on the metadata of one shard.
+const LOCK_SHARD: &str = "SELECT pg_catalog.lock_shard_metadata(5, ARRAY[$1])";
+
+thread_local! {
+    /// The shards whose metadata lock this (sub)transaction took.
+    static LOCKED: RefCell<((u32, pg_sys::SubTransactionId), Vec<i64>)> =
+        const { RefCell::new(((0, 0), Vec::new())) };
+    static LOCK_PLAN: RefCell<Option<pg_sys::SPIPlanPtr>> = const { RefCell::new(None) };
 }
 
 /// Raises the error for a scope whose shard is on another node. When the

@@ -257,7 +257,7 @@ pub fn locate(which: Which, scope: &str, mode: u32) -> (pg_sys::Oid, Rc<Catalog>
         let before = catalog();
         let at = place(&before, which, scope);
         if let Some(shard) = at.0 {
-            citus::lock_shard(shard);
+            citus::lock_shard(shard, before.owner);
             if cached().is_none_or(|now| place(&now, which, scope) != at) {
                 continue;
             }
