@@ -9,30 +9,25 @@ by default); the tier is skipped where no Citus build is installed for that
 server.
 """
 import os
-import re
 import shutil
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 import psycopg
 
-PG_BIN = os.environ.get("IDEM_PG_BIN", "/usr/lib/postgresql/15/bin")
+# The server helpers of the tiers that start servers of their own: the
+# binaries (IDEM_PG_BIN), pg_config, the installed version, running as
+# postgres, and the crash check of a server log.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
+from preloaded import PG_BIN, as_postgres, crashes, installed_version, pg_config  # noqa: E402
+
 BASE = "/tmp/idempotency-citus"
 # name -> port; the coordinator first.
 PORTS = {"coord": 5477, "w1": 5478, "w2": 5479}
 WORKERS = ("w1", "w2")
 # A server that a test may add to the cluster (and remove again).
 SPARE = {"w3": 5476}
-
-# What a server log must never show: a child of the postmaster that crashed,
-# or a PANIC. A SIGKILL sent on purpose is counted apart.
-CRASH = re.compile(r"terminated by signal|terminated by exception|PANIC")
-KILLED = re.compile(r"terminated by signal 9: Killed")
-
-
-def pg_config(option):
-    return subprocess.run([os.path.join(PG_BIN, "pg_config"), option], check=True, capture_output=True,
-                          text=True).stdout.strip()
 
 
 def citus_missing():
@@ -44,32 +39,6 @@ def citus_missing():
     if installed_version() is None:
         return f"the extension is not installed for the PostgreSQL of {PG_BIN}"
     return None
-
-
-def installed_version():
-    """The version CREATE EXTENSION installs (the control file's), or None."""
-    control = os.path.join(pg_config("--sharedir"), "extension", "idempotency.control")
-    if not os.path.exists(control):
-        return None
-    with open(control) as f:
-        found = re.search(r"^default_version\s*=\s*'([^']+)'", f.read(), re.M)
-    return found and found.group(1)
-
-
-def as_postgres(*cmd, check=True):
-    env = {k: v for k, v in os.environ.items() if k != "RUST_LIB_BACKTRACE"}
-    env["RUST_BACKTRACE"] = "1"
-    return subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=check, capture_output=True, env=env)
-
-
-def crashes(log, kills=0):
-    """The crash lines of a server log, less up to `kills` SIGKILLs sent on
-    purpose (more than that are crashes too)."""
-    with open(log, encoding="utf-8", errors="replace") as f:
-        found = [line.rstrip() for line in f if CRASH.search(line)]
-    killed = [line for line in found if KILLED.search(line)]
-    others = [line for line in found if not KILLED.search(line)]
-    return others + (killed if len(killed) > kills else [])
 
 
 class Node:

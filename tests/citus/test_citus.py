@@ -420,6 +420,52 @@ def test_duplicate_deliveries_from_several_clients(cluster, orders):
     assert shell_sizes(cluster, "idempotency.keys") == {name: 0 for name in NODES}
 
 
+PLACE_ORDER = """
+CREATE FUNCTION place_order(tenant text, id bigint, amount int) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    claim record;
+BEGIN
+    SELECT * INTO claim FROM idem_begin('order:' || id, jsonb_build_object('amount', amount), scope => tenant);
+    IF claim.status <> 'started' THEN
+        RETURN jsonb_build_object('status', claim.status, 'result', claim.result);
+    END IF;
+    INSERT INTO orders VALUES (tenant, id, amount);
+    PERFORM idem_finish('order:' || id, jsonb_build_object('order', id), scope => tenant);
+    RETURN jsonb_build_object('status', 'started');
+END
+$$;
+"""
+
+
+def test_a_job_as_one_delegated_function(cluster, orders):
+    """docs/citus.md's fastest shape: the whole job in a function distributed
+    with the tenant table. Delegated to the tenant's worker, outside a
+    transaction block and (with force_delegation) inside one, it claims,
+    writes and finishes there: one order, a completed key beside it, and a
+    duplicate answered from the stored result; a call that rolls back
+    leaves nothing."""
+    tenants = [cluster.tenants_on("w1", 1, "fn-")[0], cluster.tenants_on("w2", 1, "fn-")[0]]
+    with cluster.connect() as c:
+        c.execute(PLACE_ORDER)
+        c.execute("SELECT create_distributed_function('place_order(text, bigint, int)', 'tenant', "
+                  "colocate_with => 'orders', force_delegation => true)")
+        for i, tenant in enumerate(tenants):
+            first = c.execute("SELECT place_order(%s, %s, 500)", [tenant, 900 + i]).fetchone()[0]
+            assert first == {"status": "started"}, first
+            c.execute("BEGIN")
+            again = c.execute("SELECT place_order(%s, %s, 500)", [tenant, 900 + i]).fetchone()[0]
+            c.execute("COMMIT")
+            assert again == {"status": "completed", "result": {"order": 900 + i}}, again
+            c.execute("BEGIN")
+            assert c.execute("SELECT place_order(%s, %s, 7)", [tenant, 950 + i]).fetchone()[0] == {"status": "started"}
+            c.execute("ROLLBACK")
+            assert c.execute("SELECT count(*) FROM idem_get('order:' || %s, scope => %s)",
+                             [950 + i, tenant]).fetchone()[0] == 0
+            assert c.execute("SELECT count(*) FROM orders WHERE tenant = %s", [tenant]).fetchone()[0] == 1
+    assert_keys_beside_orders(cluster, collections.Counter(tenants))
+
+
 def test_a_waiting_delivery_wakes_when_the_holder_commits(cluster, orders):
     """A duplicate that waits (wait => ...) waits on the worker for the
     holder's transaction, and wakes at its COMMIT with its result."""

@@ -37,18 +37,18 @@ def installed_version():
     return found and found.group(1)
 
 
-def as_postgres(*cmd):
+def as_postgres(*cmd, check=True):
     # As scripts/lib.sh starts its clusters: with RUST_BACKTRACE set, as a
     # server started by hand from a shell that has it.
     env = {k: v for k, v in os.environ.items() if k != "RUST_LIB_BACKTRACE"}
     env["RUST_BACKTRACE"] = "1"
-    subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True, env=env)
+    return subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=check, capture_output=True, env=env)
 
 
 def crashes(log, kills=0):
     """The crash lines of a server log, less up to `kills` SIGKILLs sent on
     purpose (more than that are crashes too)."""
-    with open(log) as f:
+    with open(log, encoding="utf-8", errors="replace") as f:
         found = [line.rstrip() for line in f if CRASH.search(line)]
     killed = [line for line in found if KILLED.search(line)]
     others = [line for line in found if not KILLED.search(line)]
