@@ -61,30 +61,36 @@ thread_local! {
 }
 
 /// Whether a library loaded earlier defined the setting (a placeholder, made
-/// by a SET before any library loaded, is taken over by defining it).
+/// by a SET before any library loaded, is taken over by defining it). Asked
+/// by name, not by value: a text setting whose value is unset has none.
 fn defined_elsewhere(name: &CStr) -> bool {
     // SAFETY: both functions look the name up and return NULL or 0 when it
     // is missing (missing_ok); the string is not kept.
     unsafe {
-        !pg_sys::GetConfigOption(name.as_ptr(), true, false).is_null()
+        !pg_sys::GetConfigOptionByName(name.as_ptr(), std::ptr::null_mut(), true).is_null()
             && pg_sys::GetConfigOptionFlags(name.as_ptr(), true)
                 & pg_sys::GUC_CUSTOM_PLACEHOLDER as i32
                 == 0
     }
 }
 
-/// The value the other library keeps: its text, copied here before any
-/// other setting call can reuse the buffer.
+/// The value the other library keeps: its text (an integer's without a
+/// unit; "" for an unset text setting), copied here before any other
+/// setting call can reuse the buffer.
 fn borrowed(which: usize) -> Option<String> {
     if !BORROWED.with(|b| b[which].get()) {
         return None;
     }
     // SAFETY: the setting exists (defined by the other library), so
-    // GetConfigOption returns its value as a NUL-terminated string.
+    // GetConfigOption returns its value: a NUL-terminated string, or NULL
+    // for a text setting that is unset.
     Some(unsafe {
-        CStr::from_ptr(pg_sys::GetConfigOption(NAMES[which].as_ptr(), false, false))
-            .to_string_lossy()
-            .into_owned()
+        let value = pg_sys::GetConfigOption(NAMES[which].as_ptr(), false, false);
+        if value.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(value).to_string_lossy().into_owned()
+        }
     })
 }
 

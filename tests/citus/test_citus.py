@@ -466,6 +466,46 @@ def test_a_job_as_one_delegated_function(cluster, orders):
     assert_keys_beside_orders(cluster, collections.Counter(tenants))
 
 
+def test_an_application_role_without_rights_on_the_key_tables(cluster, orders):
+    """An application role with rights on its own table only (none on the
+    schema idempotency or its shards) claims, finishes and replays keys on
+    the workers, as on one server: the delegated calls take Citus's shard
+    lock and run their statements as the tables' owner. Another role sees
+    none of its keys."""
+    tenant = cluster.tenants_on("w2", 1, "app-")[0]
+    with cluster.connect() as c:
+        c.execute("CREATE ROLE idem_citus_app LOGIN")
+        c.execute("CREATE ROLE idem_citus_other LOGIN")
+        c.execute("GRANT SELECT, INSERT ON orders TO idem_citus_app")
+    try:
+        with cluster.connect(user="idem_citus_app") as app:
+            app.execute("BEGIN")
+            assert app.execute("SELECT status FROM idem_begin('charge:9', '{\"a\": 1}', scope => %s)",
+                               [tenant]).fetchone()[0] == "started"
+            app.execute("INSERT INTO orders VALUES (%s, 9, 100)", [tenant])
+            app.execute("SELECT idem_finish('charge:9', '{\"order\": 9}', scope => %s)", [tenant])
+            app.execute("COMMIT")
+            row = app.execute("SELECT status, result FROM idem_begin('charge:9', '{\"a\": 1}', scope => %s)",
+                              [tenant]).fetchone()
+            assert row == ("completed", {"order": 9}), row
+            assert app.execute("SELECT idem_once('evt:9', scope => %s)", [tenant]).fetchone()[0] is True
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                app.execute("SELECT count(*) FROM idempotency.keys")
+        with cluster.connect(user="idem_citus_other") as other:
+            assert other.execute("SELECT count(*) FROM idem_get('charge:9', scope => %s)",
+                                 [tenant]).fetchone()[0] == 0
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                other.execute("SELECT status FROM idem_begin('charge:9', '{\"a\": 1}', scope => %s)", [tenant])
+    finally:
+        with cluster.connect() as c:
+            c.execute("DELETE FROM idempotency.keys WHERE scope = %s", [tenant])
+            c.execute("DELETE FROM idempotency.once WHERE scope = %s", [tenant])
+            c.execute("DELETE FROM orders WHERE tenant = %s", [tenant])
+            c.execute("REVOKE ALL ON orders FROM idem_citus_app")
+            c.execute("DROP ROLE idem_citus_app")
+            c.execute("DROP ROLE idem_citus_other")
+
+
 def test_a_waiting_delivery_wakes_when_the_holder_commits(cluster, orders):
     """A duplicate that waits (wait => ...) waits on the worker for the
     holder's transaction, and wakes at its COMMIT with its result."""
