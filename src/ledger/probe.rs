@@ -83,8 +83,8 @@ fn scan(
     // scope and key, in that order.
     let form = index.index_form();
     if form.indnkeyatts != 2
-        || index.index_key(0) != table.att[scope_column(which)]
-        || index.index_key(1) != table.att[key_column(which)]
+        || index.index_key(0) != table.att[which.scope_column()]
+        || index.index_key(1) != table.att[which.key_column()]
     {
         crate::pg::errors::error(
             crate::pg::errors::Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -145,20 +145,6 @@ fn scan(
             };
             visit(slot.0, table, version);
         }
-    }
-}
-
-fn scope_column(which: Which) -> usize {
-    match which {
-        Which::Keys => K_SCOPE,
-        Which::Once => O_SCOPE,
-    }
-}
-
-fn key_column(which: Which) -> usize {
-    match which {
-        Which::Keys => K_KEY,
-        Which::Once => O_KEY,
     }
 }
 

@@ -108,6 +108,22 @@ impl Which {
         }
     }
 
+    /// The position of `scope` among `columns()`.
+    pub fn scope_column(self) -> usize {
+        match self {
+            Which::Keys => K_SCOPE,
+            Which::Once => O_SCOPE,
+        }
+    }
+
+    /// The position of `key` among `columns()`.
+    pub fn key_column(self) -> usize {
+        match self {
+            Which::Keys => K_KEY,
+            Which::Once => O_KEY,
+        }
+    }
+
     /// CHECK constraints the table is created with.
     fn checks(self) -> usize {
         match self {
@@ -155,6 +171,10 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn table(&self, which: Which) -> &Table {
+        self.main(which)
+    }
+
+    fn main(&self, which: Which) -> &Rc<Table> {
         match which {
             Which::Keys => &self.keys,
             Which::Once => &self.once,
@@ -176,10 +196,7 @@ impl Catalog {
     /// The description of `rel`, a table of `which` that `locate` locked:
     /// the table itself or one of its shards on this node.
     fn described(&self, which: Which, rel: &Rel) -> Rc<Table> {
-        let main = match which {
-            Which::Keys => &self.keys,
-            Which::Once => &self.once,
-        };
+        let main = self.main(which);
         if rel.oid() == main.oid {
             return main.clone();
         }
@@ -385,7 +402,7 @@ fn describe() -> Catalog {
     // On Citus, the shards: read as the owner, who may read the metadata.
     let (keys_shards, once_shards) = if citus::installed() {
         let collation = |rel: &Rel, t: &Table, which: Which| {
-            rel.attributes()[t.pos(scope_index(which))].attcollation
+            rel.attributes()[t.pos(which.scope_column())].attcollation
         };
         relation::as_role(owner, || {
             (
@@ -413,14 +430,6 @@ fn describe() -> Catalog {
         keys_shards,
         once_shards,
         shard_tables: RefCell::new(HashMap::new()),
-    }
-}
-
-/// The position of `scope` among `which.columns()`.
-fn scope_index(which: Which) -> usize {
-    match which {
-        Which::Keys => K_SCOPE,
-        Which::Once => O_SCOPE,
     }
 }
 

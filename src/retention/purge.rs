@@ -47,29 +47,29 @@ const KEY_SHARDS: &str = "SELECT t.oid, t.name FROM ( \
 /// table or, once Citus distributes it, this node's shards of it (each
 /// node purges its own; the distributed table is a shell).
 fn key_tables() -> Vec<(pg_sys::Oid, String)> {
-    let mut tables = Vec::new();
-    let mut read = |sql: &str| {
+    let read = |sql: &str| {
         Spi::connect(|client| {
+            let mut tables = Vec::new();
             for row in client.select(sql, None, &[])? {
                 if let (Some(oid), Some(name)) = (row.get::<pg_sys::Oid>(1)?, row.get::<String>(2)?)
                 {
                     tables.push((oid, name));
                 }
             }
-            Ok::<_, pgrx::spi::SpiError>(())
+            Ok::<_, pgrx::spi::SpiError>(tables)
         })
         .unwrap_or_else(|e| pgrx::error!("could not find the key tables: {e}"))
     };
+    let table = read(KEY_TABLE);
     let distributed = crate::citus::installed()
-        && Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition \
-                 WHERE logicalrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('idempotency.keys'))",
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false);
-    read(if distributed { KEY_SHARDS } else { KEY_TABLE });
-    tables
+        && table
+            .first()
+            .is_some_and(|(oid, _)| crate::citus::distributed(*oid));
+    if distributed {
+        read(KEY_SHARDS)
+    } else {
+        table
+    }
 }
 
 /// Takes the locks the DELETE needs (ROW EXCLUSIVE on every key table of
