@@ -117,9 +117,9 @@ pub unsafe extern "C-unwind" fn idem_begin(fcinfo: pg_sys::FunctionCallInfo) -> 
     };
     let fingerprint = args.datum(1).map(fingerprint_of_jsonb);
 
-    WAITED.set(None);
+    WAITED.set(false);
     let answer = begin(&key, &scope, fingerprint, lease.as_ref(), deadline);
-    count(&answer);
+    count(&answer, now);
 
     let reply = Reply::from(answer);
     let mut values = [pg_sys::Datum::from(0usize); 9];
@@ -149,21 +149,23 @@ pub unsafe extern "C-unwind" fn idem_begin(fcinfo: pg_sys::FunctionCallInfo) -> 
 }
 
 thread_local! {
-    /// Microseconds the current `idem_begin` call has waited, if it waited.
-    static WAITED: Cell<Option<i64>> = const { Cell::new(None) };
+    /// Whether the current `idem_begin` call has waited.
+    static WAITED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs a wait of `idem_begin`'s and adds how long it took to `WAITED`.
+/// Runs a wait of `idem_begin`'s, noting in `WAITED` that the call waited.
 fn timed<T>(wait: impl FnOnce() -> T) -> T {
-    let start = clock();
-    let out = wait();
-    let took = clock().saturating_sub(start).max(0);
-    WAITED.set(Some(WAITED.get().unwrap_or(0) + took));
-    out
+    WAITED.set(true);
+    wait()
 }
 
-/// Counts the answer (and the wait) in `idem_stats()`.
-fn count(answer: &Answer) {
+/// Counts the answer (and the wait) in `idem_stats()`. A call that waited
+/// counts as waiting from its start (`started`, the clock its `wait` is
+/// measured from) until its answer: the time the caller was held up, the
+/// re-reads between waits included. A call that waited out its whole
+/// `wait` so counts at least that long (it answers only once the clock has
+/// passed its deadline).
+fn count(answer: &Answer, started: pg_sys::TimestampTz) {
     stats::count(match answer {
         Answer::Started { .. } => Counter::BeginStarted,
         Answer::Completed { .. } => Counter::BeginCompleted,
@@ -171,9 +173,12 @@ fn count(answer: &Answer) {
         Answer::InProgress { .. } => Counter::BeginInProgress,
         Answer::Mismatch => Counter::BeginMismatch,
     });
-    if let Some(waited) = WAITED.get() {
+    if WAITED.get() {
         stats::count(Counter::Waits);
-        stats::add(Counter::WaitMicros, waited as u64);
+        stats::add(
+            Counter::WaitMicros,
+            clock().saturating_sub(started).max(0) as u64,
+        );
     }
 }
 
