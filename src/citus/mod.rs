@@ -19,7 +19,7 @@
 //! the transactions that use the shard and then switches the placement,
 //! which a call after it sees.
 use crate::pg::errors::{error, Code};
-use crate::pg::relation::{self, Spi};
+use crate::pg::relation::Spi;
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
 use std::cell::RefCell;
@@ -275,24 +275,7 @@ pub fn lock_shard(shard: i64, owner: pg_sys::Oid) {
     if held {
         return;
     }
-    relation::as_role(owner, || {
-        let _spi = Spi::connect();
-        let plan = LOCK_PLAN.with(|p| {
-            *p.borrow_mut().get_or_insert_with(|| {
-                crate::ledger::statements::prepare_kept(LOCK_SHARD, &[pg_sys::INT8OID])
-            })
-        });
-        let mut values = [pg_sys::Datum::from(shard)];
-        let nulls = [b' ' as std::ffi::c_char];
-        // SAFETY: the plan takes one bigint parameter, passed with its
-        // null flag; its one row (void) is not read.
-        let rc = unsafe {
-            pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 1)
-        };
-        if rc < 0 {
-            pgrx::error!("could not lock the shard's metadata: SPI code {rc}");
-        }
-    });
+    crate::ledger::statements::lock_shard_metadata(owner, shard);
     // The invalidations sent by whatever held the lock in exclusive mode
     // (a move switching the placement) are processed now, so that the
     // caller's look at its cached map afterwards sees them.
@@ -308,14 +291,10 @@ pub fn lock_shard(shard: i64, owner: pg_sys::Oid) {
     });
 }
 
-/// Share mode (5) on the metadata of one shard.
-const LOCK_SHARD: &str = "SELECT pg_catalog.lock_shard_metadata(5, ARRAY[$1])";
-
 thread_local! {
     /// The shards whose metadata lock this (sub)transaction took.
     static LOCKED: RefCell<((u32, pg_sys::SubTransactionId), Vec<i64>)> =
         const { RefCell::new(((0, 0), Vec::new())) };
-    static LOCK_PLAN: RefCell<Option<pg_sys::SPIPlanPtr>> = const { RefCell::new(None) };
 }
 
 /// Raises the error for a scope whose shard is on another node. When the

@@ -83,6 +83,10 @@ pub const READ_KEY_TYPES: [pg_sys::Oid; 12] = [
 /// How many they are.
 pub const READ_KEY_COLUMNS: usize = READ_KEY_TYPES.len();
 
+/// On Citus, Citus's shard metadata lock in share mode (5) on one shard
+/// (`citus::lock_shard`).
+const LOCK_SHARD_METADATA: &str = "SELECT pg_catalog.lock_shard_metadata(5, ARRAY[$1])";
+
 #[derive(Clone, Copy)]
 enum Stmt {
     UpdateClaim = 0,
@@ -92,6 +96,7 @@ enum Stmt {
     InsertKeys = 4,
     InsertOnce = 5,
     ReadKey = 6,
+    LockShardMetadata = 7,
 }
 
 /// `INSERT INTO {table} (every column of which) VALUES ($1, ...)`, for
@@ -136,6 +141,7 @@ fn sql_of(stmt: Stmt, on: On) -> (String, Vec<pg_sys::Oid>) {
         Stmt::InsertKeys => insert_sql(Which::Keys),
         Stmt::InsertOnce => insert_sql(Which::Once),
         Stmt::ReadKey => (READ_KEY.to_string(), vec![TEXT, TEXT]),
+        Stmt::LockShardMetadata => (LOCK_SHARD_METADATA.to_string(), vec![INT8]),
     };
     let (table, collate) = match on {
         On::Table => (
@@ -165,7 +171,7 @@ impl Stmt {
     }
 }
 
-const COUNT: usize = 7;
+const COUNT: usize = 8;
 
 thread_local! {
     static PLANS: RefCell<[Option<pg_sys::SPIPlanPtr>; COUNT]> = const { RefCell::new([None; COUNT]) };
@@ -292,6 +298,18 @@ fn execute_as_owner(stmt: Stmt, on: On, params: &[Param]) -> (u64, First) {
         }
         (n, first)
     }
+}
+
+/// Takes Citus's shard metadata lock on `shard` in share mode, as `owner`
+/// (whom Citus requires): a statement on no table.
+pub fn lock_shard_metadata(owner: pg_sys::Oid, shard: i64) {
+    relation::as_role(owner, || {
+        execute_as_owner(
+            Stmt::LockShardMetadata,
+            On::Table,
+            &[Some(pg_sys::Datum::from(shard))],
+        )
+    });
 }
 
 /// Inserts a row with SQL, for when the table needs more than a direct
