@@ -11,7 +11,6 @@ server.
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import psycopg
@@ -20,7 +19,14 @@ import psycopg
 # binaries (IDEM_PG_BIN), pg_config, the installed version, running as
 # postgres, and the crash check of a server log.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
-from preloaded import PG_BIN, as_postgres, crashes, installed_version, pg_config  # noqa: E402
+from preloaded import (  # noqa: E402
+    PG_BIN,
+    as_postgres,
+    crashes,
+    installed_version,
+    pg_config,
+    retry_missing_files,
+)
 
 BASE = "/tmp/idempotency-citus"
 # name -> port; the coordinator first.
@@ -149,22 +155,16 @@ class Cluster:
 
     def create_extension(self):
         """CREATE EXTENSION idempotency on the coordinator, which Citus
-        propagates to the workers (made there too where it did not). The
-        extension's files may be reinstalled while this runs (a build being
-        installed for another tier): a missing file is retried."""
-        for attempt in range(10):
-            try:
-                with self.connect() as c:
-                    c.execute("CREATE EXTENSION IF NOT EXISTS idempotency SCHEMA public")
-                for name in WORKERS:
-                    with self.connect(name) as c:
-                        if not c.execute("SELECT FROM pg_extension WHERE extname = 'idempotency'").fetchall():
-                            c.execute("CREATE EXTENSION idempotency SCHEMA public")
-                return
-            except psycopg.OperationalError:
-                if attempt == 9:
-                    raise
-                time.sleep(1)
+        propagates to the workers (made there too where it did not)."""
+        def everywhere():
+            with self.connect() as c:
+                c.execute("CREATE EXTENSION IF NOT EXISTS idempotency SCHEMA public")
+            for name in WORKERS:
+                with self.connect(name) as c:
+                    if not c.execute("SELECT FROM pg_extension WHERE extname = 'idempotency'").fetchall():
+                        c.execute("CREATE EXTENSION idempotency SCHEMA public")
+
+        retry_missing_files(everywhere)
 
     def stop(self):
         for node in self.nodes.values():

@@ -78,24 +78,23 @@ def rows_in_shard(cluster, table, tenant, column):
     return found
 
 
+def assert_keys_on_orders_node(cluster, tenant, count):
+    """The `count` keys of `tenant` are in the key shard on the node of its
+    orders' shard, on that node alone; returns the node."""
+    node = cluster.node_of("orders", tenant)
+    assert cluster.node_of("idempotency.keys", tenant) == node, tenant
+    assert rows_in_shard(cluster, "idempotency.keys", tenant, "scope") == {node: count}, tenant
+    return node
+
+
 def assert_keys_beside_orders(cluster, expected):
     """For each tenant of `expected` ({tenant: number of jobs}): its keys'
     shard is on the node of its orders' shard, and that shard, on that node
     alone, holds its keys and its orders."""
     for tenant, count in expected.items():
-        node = cluster.node_of("orders", tenant)
-        assert cluster.node_of("idempotency.keys", tenant) == node, tenant
+        node = assert_keys_on_orders_node(cluster, tenant, count)
         assert cluster.shard_of("idempotency.keys", tenant) != cluster.shard_of("orders", tenant)
-        assert rows_in_shard(cluster, "idempotency.keys", tenant, "scope") == {node: count}, tenant
         assert rows_in_shard(cluster, "orders", tenant, "tenant") == {node: count}, tenant
-
-
-def assert_keys_beside_orders_only_keys(cluster, tenant, count):
-    """The keys of `tenant` (and no orders expected) are in the shard beside
-    its orders' shard, on that node alone."""
-    node = cluster.node_of("orders", tenant)
-    assert cluster.node_of("idempotency.keys", tenant) == node
-    assert rows_in_shard(cluster, "idempotency.keys", tenant, "scope") == {node: count}
 
 
 class Deliveries:
@@ -339,7 +338,7 @@ def test_idem_distribute_again_is_a_no_op(cluster, orders):
         assert delegation(c) == functions
         row = begin(c, "again:1", tenant)
         assert (row["status"], row["result"]) == ("completed", {"n": 1})
-    assert_keys_beside_orders_only_keys(cluster, tenant, 1)
+    assert_keys_on_orders_node(cluster, tenant, 1)
 
 
 def test_idem_distribute_refuses_tables_it_cannot_follow(cluster, orders):
@@ -586,7 +585,7 @@ def test_a_call_not_delegated_is_refused_off_its_shards_node(cluster, orders):
         finish(c, "nd:lease", on_w1, {"done": True}, token=token)
         row = begin(c, "nd:lease", on_w1)
         assert (row["status"], row["result"]) == ("completed", {"done": True})
-    assert_keys_beside_orders_only_keys(cluster, on_w1, 1)
+    assert_keys_on_orders_node(cluster, on_w1, 1)
     assert shell_sizes(cluster, "idempotency.keys") == {name: 0 for name in NODES}
 
 
@@ -611,14 +610,14 @@ def test_replay_after_a_shard_move(cluster, orders):
             assert begin(c, "move:refund", tenant)["status"] == "started"
             c.execute("SELECT idem_fail('move:refund', error => '{\"declined\": true}', scope => %s,"
                       " retryable => false)", [tenant])
-    assert_keys_beside_orders_only_keys(cluster, tenant, len(jobs) + 1)
+    assert_keys_on_orders_node(cluster, tenant, len(jobs) + 1)
 
     shardid = cluster.shard_of("orders", tenant)
     assert cluster.move(shardid, dst) == src
     # The key shard moved with the orders shard.
     assert cluster.node_of("orders", tenant) == dst
     assert cluster.node_of("idempotency.keys", tenant) == dst
-    assert_keys_beside_orders_only_keys(cluster, tenant, len(jobs) + 1)
+    assert_keys_on_orders_node(cluster, tenant, len(jobs) + 1)
 
     # Redelivered, on the old connection and a new one: every job replays.
     with cluster.connect() as new:
@@ -639,7 +638,7 @@ def test_replay_after_a_shard_move(cluster, orders):
             new.execute("INSERT INTO orders VALUES (%s, 99, 1)", [tenant])
             finish(new, "move:order:99", tenant, order_result(tenant, 99))
     old.close()
-    assert_keys_beside_orders_only_keys(cluster, tenant, len(jobs) + 2)
+    assert_keys_on_orders_node(cluster, tenant, len(jobs) + 2)
     assert rows_in_shard(cluster, "orders", tenant, "tenant") == {dst: len(jobs) + 1}
     assert shell_sizes(cluster, "idempotency.keys") == {name: 0 for name in NODES}
 
@@ -1277,7 +1276,7 @@ def test_adding_a_node(cluster, orders):
             added = False
         assert cluster.members() == members
         expected = collections.Counter(job[1] for job in jobs.jobs)
-        assert_keys_beside_orders_only_keys(cluster, tenant, 2 + len(new_jobs) + 1)
+        assert_keys_on_orders_node(cluster, tenant, 2 + len(new_jobs) + 1)
         expected.pop(tenant)
         assert_keys_beside_orders(cluster, expected)
         with cluster.connect() as c:

@@ -122,15 +122,19 @@ def start(directory, port, settings, leftovers=()):
     return srv
 
 
-def create_extension(conn):
-    """CREATE EXTENSION in public. The extension's files may be reinstalled
-    while this runs (a build being installed for another test tier): a
-    missing file is retried."""
+def retry_missing_files(step):
+    """Runs step(), which creates or loads the extension. Its files may be
+    reinstalled while this runs (a build being installed for another test
+    tier): a missing file is retried."""
     for attempt in range(10):
         try:
-            conn.execute("CREATE EXTENSION idempotency SCHEMA public")
-            return
+            return step()
         except psycopg.OperationalError:
             if attempt == 9:
                 raise
             time.sleep(1)
+
+
+def create_extension(conn):
+    """CREATE EXTENSION in public."""
+    retry_missing_files(lambda: conn.execute("CREATE EXTENSION idempotency SCHEMA public"))
